@@ -1,0 +1,27 @@
+from setuptools import setup
+
+setup(
+    name="selfreward",
+    version="0.1.0",
+    description="Self-Rewarding Language Models: a performance-engineered training engine",
+    packages=["model", "kernels", "engine", "engine.sampler", "loop", "loop.world", "loop.data", "bench"],
+    python_requires=">=3.10",
+    # torch is deliberately not pinned here: GPU users bring their own build.
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "gguf",
+        "deepspeed>=0.16",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "transformers", "accelerate", "hypothesis"],
+        "gpu": ["flash-attn"],
+    },
+)
