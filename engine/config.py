@@ -1,0 +1,144 @@
+"""TrainConfig: the typed description of one SFT or DPO stage, checked before any work starts.
+
+The DeepSpeed JSON is derived from it (engine/ds_config.py), never hand-edited; a user JSON may
+override keys on top. Paper defaults (Yuan et al. 2024): SFT lr 5.5e-6 -> 1.1e-6 cosine, DPO
+1e-6 -> 1e-7, global batch 16, dropout 0.1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.config import ConfigError
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+DTYPES = ("auto", "bf16", "fp32")
+BACKENDS = ("auto", "deepspeed", "torch")
+
+
+class TrainConfigError(ConfigError):
+    """A training config that cannot run; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 5.5e-6  # peak learning rate
+    min_lr: float = 1.1e-6  # floor of the cosine decay
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # 0 = run the epochs; otherwise stop (and end the schedule) here
+    global_batch: int = 16  # sequences (SFT) or pairs (DPO) per optimizer step, all ranks together
+    micro_batch: int = 4  # per rank per forward; gradient accumulation makes up the rest
+    grad_clip: float = 1.0  # 0 = off
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    zero_stage: int = 3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state (and step) on the CPU
+    # ZeRO-3 keeps params below this many elements whole on every rank. 0 shards everything (the
+    # honest memory split; DeepSpeed's 1e5 default trades memory for fewer all-gathers on big models).
+    param_persistence_threshold: int = 0
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    dropout: float = 0.1  # overrides the model config's residual dropout for training
+    seed: int = 0
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints; 0 = none
+    keep_checkpoints: bool = False  # keep out_dir.ckpt after a successful export
+    log_every: int = 10
+    # DPO
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    nll_weight: float = 0.0  # RPO: + nll_weight * mean per-token NLL of the chosen response
+    # data
+    max_seq_len: int = 0  # 0 = the model's max_seq_len; longer examples are cut on the right
+    pad_to_multiple: int = 0  # 0 = auto: 8 on CUDA (tensor-core shapes), 1 on CPU
+    length_grouped: bool = True
+    ref_micro_batch: int = 0  # batch of the reference log-prob pass; 0 = 2 x micro_batch
+    # engine
+    backend: str = "auto"  # auto: DeepSpeed when several ranks (or offload), plain torch in one process
+    ds_config_override: str | None = None  # path to a DeepSpeed JSON merged over the derived config
+    gradient_checkpointing: bool = False
+    kernel_impl: str = "auto"  # kernels impl: auto | torch | triton
+    compile: bool = False  # torch.compile each decoder layer (GPU)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TrainConfigError(f"train config: unknown key(s) {sorted(unknown)}")
+        d = dict(d)
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(**d)
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.global_batch // (self.micro_batch * world_size)
+
+    def validate(self, world_size: int = 1) -> "TrainConfig":
+        """Raise TrainConfigError (one line, naming the key) for a config that cannot run."""
+        def bad(key, why):
+            raise TrainConfigError(f"train config: {key}={getattr(self, key)!r} {why}")
+
+        for key in ("global_batch", "micro_batch", "epochs"):
+            if getattr(self, key) <= 0:
+                bad(key, "must be positive")
+        for key in ("max_steps", "warmup_steps", "checkpoint_every", "max_seq_len", "ref_micro_batch",
+                    "pad_to_multiple", "param_persistence_threshold", "grad_clip", "weight_decay",
+                    "nll_weight", "min_lr"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.log_every <= 0:
+            bad("log_every", "must be positive")
+        if self.global_batch % (self.micro_batch * world_size):
+            bad("global_batch", f"is not divisible by micro_batch x world_size = {self.micro_batch} x {world_size}")
+        if not self.lr > 0:
+            bad("lr", "must be positive")
+        if self.min_lr > self.lr:
+            bad("min_lr", f"exceeds lr={self.lr}")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"is unknown (known: {', '.join(LOSS_TYPES)})")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"is unknown (known: {', '.join(DTYPES)})")
+        if self.backend not in BACKENDS:
+            bad("backend", f"is unknown (known: {', '.join(BACKENDS)})")
+        if self.kernel_impl not in ("auto", "torch", "triton"):
+            bad("kernel_impl", "is unknown (known: auto, torch, triton)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            bad("zero_stage", "must be 0, 1, 2 or 3")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", "must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            bad("label_smoothing", f"applies only to loss_type sigmoid or robust, not {self.loss_type!r}")
+        if self.beta <= 0:
+            bad("beta", "must be positive")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            bad("adam_betas", "must be two numbers in [0, 1)")
+        if self.ds_config_override is not None:
+            path = Path(self.ds_config_override)
+            if not path.is_file():
+                bad("ds_config_override", "is not a file")
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise TrainConfigError(f"{path}:{e.lineno}: ds_config_override is not valid JSON: {e.msg}") from None
+        return self
+
+
+def sft_config(**overrides) -> TrainConfig:
+    """The paper's SFT stage (M0 -> M1 on IFT+EFT)."""
+    return TrainConfig(**{"lr": 5.5e-6, "min_lr": 1.1e-6, **overrides})
+
+
+def dpo_config(**overrides) -> TrainConfig:
+    """The paper's DPO stage (Mt -> Mt+1 on self-judged pairs)."""
+    return TrainConfig(**{"lr": 1e-6, "min_lr": 1e-7, **overrides})
