@@ -1,0 +1,306 @@
+"""LoopConfig: the typed, validated description of one self-rewarding run (M0 -> M_{T+1}).
+
+Loaded from a YAML file (presets in configs/) plus `section.key=value` overrides from the command
+line; unknown keys, wrong types and impossible values are one-line errors naming the key.
+The sft/dpo sections are engine.config.TrainConfig, the data.world section goes to loop.world's
+WorldConfig unchanged (validated when the world is built).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.config import TrainConfig, dpo_config, sft_config
+from model.config import ConfigError
+
+
+class LoopConfigError(ConfigError):
+    """A loop config that cannot run; one line naming the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    iterations: int = 2  # AIFT iterations: M1 -> M2 -> M3 is 2
+    run_dir: str = "runs/cpu_default"
+    chunk_size: int = 512  # prompts per generate() call; a killed stage resumes at chunk granularity
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    init: str = "world"  # M0: "world" (the embedded world pretrains it) or an HF/Meta/.gguf checkpoint path
+    tokenizer: str | None = None  # None: the tokenizer stored with the checkpoint
+    chat_template: str | None = None  # llama2 | llama3 | chatml; None: the tokenizer's own
+    dtype: str | None = None  # sampler dtype; None = the sampler's default
+    kv_memory: float = 0.3
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "world"  # "world" (embedded CPU world) | "oasst" (oasst1 export at oasst_path)
+    oasst_path: str | None = None
+    ift_size: int = 3200
+    eft_prompts: int = 1000  # OASST prompts with several ranked responses sent to the EFT builder
+    eval_prompts: int = 256
+    eft_eval_fraction: float = 0.25
+    eft_cap_ratio: float = 1.0  # most common EFT score capped at this x the second most common's count
+    world: dict = field(default_factory=dict)  # WorldConfig fields, for source = "world"
+    world_cache_dir: str = ".cache/world"  # pretrained world M0s, keyed by world config hash (shared by runs)
+
+
+@dataclass(frozen=True)
+class PromptGenConfig:
+    num_prompts: int = 1000  # new prompts wanted per iteration (the paper does not say how many)
+    attempts_factor: float = 2.0  # generations tried = num_prompts x this; the filter keeps the first good ones
+    model: str = "current"  # "current" (M_t, the paper's appendix variant) or a checkpoint path
+    world_filter: bool = True  # also require the world's is_valid_prompt (data.source = world)
+    chat: bool = True  # wrap the few-shot prompt in the chat template (False: raw continuation, base models)
+    template: str = "self_instruct.txt"  # file in loop/templates or a path
+    shots_ift: int = 6
+    shots_generated: int = 2
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    rouge_threshold: float = 0.7
+    min_words: int = 3
+    max_words: int = 150
+    banned_keywords: tuple[str, ...] = ("image", "images", "graph", "graphs", "picture", "pictures", "file",
+                                        "files", "map", "maps", "draw", "plot", "go to", "video", "audio",
+                                        "flowchart", "diagram")
+
+
+@dataclass(frozen=True)
+class ResponseConfig:
+    n: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    template: str = "paper"  # "paper" (Figure 2), "world" (the world's own), or a file path
+    mode: str = "sampled"  # "sampled": parse "Score: n" (the paper); "expected": E[score token] (loop/expected_score.py)
+    k: int = 3  # sampled judgments per response, averaged
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256  # below ~150 the justification eats the budget before "Score:"
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    min_scored: int = 2
+    min_gap: float = 0.0
+    length_control: bool = False
+    length_margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True
+    sft_baseline: bool = True  # train the IFT-only baseline and compare against it
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # eval generations: greedy by default
+    top_p: float = 1.0
+    reward_metrics: bool = True  # Table 4 metrics of each model as judge on eft_eval
+    judge_k: int = 1  # judgments per EFT-eval example for the reward metrics
+    judge_temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompts: PromptGenConfig = field(default_factory=PromptGenConfig)
+    responses: ResponseConfig = field(default_factory=ResponseConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    sft: TrainConfig = field(default_factory=sft_config)
+    dpo: TrainConfig = field(default_factory=dpo_config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of everything that shapes the results (not where the run directory lives)."""
+        d = self.to_dict()
+        d["run"].pop("run_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def validate(self) -> "LoopConfig":
+        def bad(key, why):
+            raise LoopConfigError(f"loop config: {key} {why}")
+
+        if self.run.iterations < 0:
+            bad("run.iterations", "must be >= 0")
+        if self.run.chunk_size <= 0:
+            bad("run.chunk_size", "must be positive")
+        if self.data.source not in ("world", "oasst"):
+            bad("data.source", f"is {self.data.source!r}: unknown (known: world, oasst)")
+        if self.data.source == "oasst" and not self.data.oasst_path:
+            bad("data.oasst_path", "is required when data.source = oasst")
+        if self.data.source == "oasst" and self.model.init == "world":
+            bad("model.init", "must be a checkpoint path when data.source = oasst")
+        if not 0.0 <= self.data.eft_eval_fraction < 1.0:
+            bad("data.eft_eval_fraction", "must be in [0, 1)")
+        for key in ("prompts.num_prompts", "responses.n", "judge.k", "prompts.max_new_tokens",
+                    "responses.max_new_tokens", "judge.max_new_tokens", "eval.max_new_tokens", "eval.judge_k"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) <= 0:
+                bad(key, "must be positive")
+        if self.prompts.attempts_factor < 1.0:
+            bad("prompts.attempts_factor", "must be >= 1")
+        if self.responses.n < 2:
+            bad("responses.n", "must be >= 2 (a pair needs two responses)")
+        for key in ("prompts.top_p", "responses.top_p", "judge.top_p", "eval.top_p"):
+            section, name = key.split(".")
+            if not 0.0 < getattr(getattr(self, section), name) <= 1.0:
+                bad(key, "must be in (0, 1]")
+        if self.judge.template not in ("paper", "world") and not Path(self.judge.template).is_file():
+            bad("judge.template", f"is {self.judge.template!r}: not 'paper', 'world' or a file")
+        if self.judge.mode not in ("sampled", "expected"):
+            bad("judge.mode", f"is {self.judge.mode!r}: unknown (known: sampled, expected)")
+        if self.judge.template == "world" and self.data.source != "world":
+            bad("judge.template", "= 'world' needs data.source = world")
+        if not 0.0 <= self.prompts.rouge_threshold <= 1.0:
+            bad("prompts.rouge_threshold", "must be in [0, 1]")
+        if self.pairs.min_scored < 2:
+            bad("pairs.min_scored", "must be >= 2")
+        for section in ("sft", "dpo"):
+            try:
+                getattr(self, section).validate(world_size=1)
+            except ConfigError as e:
+                raise LoopConfigError(f"loop config: {section}.{str(e).removeprefix('train config: ')}") from None
+        return self
+
+
+def _coerce(key: str, value, tp):
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        last = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except LoopConfigError as e:
+                last = e
+        raise last
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise LoopConfigError(f"loop config: {key}={value!r} must be a list")
+        args = typing.get_args(tp)
+        item = args[0]
+        return tuple(_coerce(f"{key}[{i}]", v, args[i] if args[-1] is not Ellipsis else item) for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise LoopConfigError(f"loop config: {key}={value!r} must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise LoopConfigError(f"loop config: {key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LoopConfigError(f"loop config: {key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LoopConfigError(f"loop config: {key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise LoopConfigError(f"loop config: {key}={value!r} must be a string")
+        return value
+    raise LoopConfigError(f"loop config: {key} has unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise LoopConfigError(f"loop config: {prefix or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise LoopConfigError(f"loop config: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if prefix == "" and name in ("sft", "dpo"):
+                value = {**getattr(LoopConfig(), name).to_dict(), **(value or {})}
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise LoopConfigError(f"loop config: override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise LoopConfigError(f"loop config: override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> LoopConfig:
+    """YAML file (or defaults when None) + key=value overrides -> validated LoopConfig."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise LoopConfigError(f"loop config: file {path} not found") from None
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+            raise LoopConfigError(f"{path}:{line}: invalid YAML") from None
+    tree = _merge(tree, parse_overrides(list(overrides)))
+    return _build(LoopConfig, tree, "").validate()
+
+
+def config_from_dict(d: dict) -> LoopConfig:
+    return _build(LoopConfig, d, "").validate()

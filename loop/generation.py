@@ -1,0 +1,90 @@
+"""Resumable, sharded generation: the one code path every sampling stage goes through.
+
+A stage hands over requests {"id", "ids" (prompt token ids), "seed"} and one SamplingParams
+template. Requests are processed in fixed chunks of `chunk_size` (each chunk one sampler call over
+all its prompts x n samples, sharded over ranks by generate_distributed); rank 0 appends each
+chunk's records to the stage's JSONL with one write + fsync. Every request carries its own seed,
+derived from (run seed, stage, record id), and the sampler draws each sample from its own
+generator, so after a kill the resumed stage regenerates exactly the missing records: no
+duplicates, no gaps, the same records an uninterrupted run writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from engine.distributed import Dist, barrier
+from engine.sampler import SamplingParams, generate_distributed
+
+from .records import JsonlAppender
+
+
+def _broadcast(obj, dist: Dist):
+    if dist.world_size == 1 or not torch_dist.is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sample_id(request_id: str, sample_index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}-s{sample_index}"
+
+
+def generate_records(sampler, dist: Dist, requests: list[dict], params: SamplingParams, out_path: Path, *,
+                     chunk_size: int, make_record: Callable[[dict, object, str], dict], desc: str = "generate",
+                     finalize: Callable[[list[tuple[dict, dict]]], None] | None = None,
+                     chunk_hook: Callable[[int], None] | None = None) -> list[dict]:
+    """Generate params.n samples per request into out_path (resuming what is already there).
+
+    make_record(request, completion, record_id) -> the record to store (must keep "id").
+    Returns all records in request order (rank 0; other ranks get []).
+    finalize([(request, record), ...]) may complete a chunk's records in place before they are written
+    (rank 0 only; e.g. the expected judge score, which needs one batched forward per chunk).
+    chunk_hook(chunk_index) runs after each chunk is written.
+    """
+    n = params.n
+    appender = JsonlAppender(out_path) if dist.is_main else None
+    done_ids = _broadcast(set(appender.ids) if appender else None, dist)
+    chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]
+    bar = tqdm(total=len(requests), desc=desc, disable=not dist.is_main, leave=False)
+    try:
+        for ci, chunk in enumerate(chunks):
+            todo = [r for r in chunk if any(sample_id(r["id"], s, n) not in done_ids for s in range(n))]
+            bar.update(len(chunk) - len(todo))
+            if not todo:
+                continue
+            plist = [dataclasses.replace(params, seed=r["seed"]) for r in todo]
+            completions = generate_distributed(sampler, [r["ids"] for r in todo], plist)
+            if dist.is_main:
+                made = []
+                for i, r in enumerate(todo):
+                    for s in range(n):
+                        rid = sample_id(r["id"], s, n)
+                        if rid not in done_ids:
+                            made.append((r, make_record(r, completions[i * n + s], rid)))
+                if finalize is not None:
+                    finalize(made)
+                batch = [rec for _, rec in made]
+                appender.append(batch)
+                done_ids.update(rec["id"] for rec in batch)
+            bar.update(len(todo))
+            if chunk_hook is not None:
+                chunk_hook(ci)
+    finally:
+        bar.close()
+        if appender is not None:
+            appender.close()
+    barrier()
+    if not dist.is_main:
+        return []
+    with JsonlAppender(out_path) as reread:
+        by_id = {r["id"]: r for r in reread.records}
+    ordered = [by_id[sample_id(r["id"], s, n)] for r in requests for s in range(n)]
+    if len(ordered) != len(by_id):
+        raise RuntimeError(f"{out_path}: {len(by_id)} records for {len(ordered)} expected ids")
+    return ordered

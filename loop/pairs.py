@@ -1,0 +1,70 @@
+"""Preference pairs from self-judged responses: chosen = highest mean score, rejected = lowest.
+
+A prompt yields no pair when too few of its responses got a valid score, or when the best and
+worst mean scores are equal (a tie teaches DPO nothing). Every prompt gets an outcome record with
+its drop reason, so the report can say why the pair count is what it is.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+DROP_TOO_FEW_SCORED = "too_few_scored"
+DROP_TIE = "tie"
+DROP_NO_RESPONSES = "no_responses"
+
+
+@dataclass(frozen=True)
+class PairRules:
+    min_scored: int = 2  # responses with a valid mean score needed to form a pair
+    length_control: bool = False  # chosen = shortest response within `length_margin` of the top score
+    length_margin: float = 0.0
+    min_gap: float = 0.0  # drop pairs whose chosen - rejected score gap is <= this (0 = only exact ties)
+
+
+def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dict[str, float | None],
+                rules: PairRules) -> tuple[list[dict], list[dict], Counter]:
+    """Returns (pairs, outcomes, drop_reason_counts).
+
+    prompts: {"id", "prompt"}; responses: {"id", "prompt_id", "sample_index", "text", "num_tokens"};
+    response_scores: response id -> mean judge score or None (no parsable judgment).
+    Ties among equally-scored responses break on sample index, so the result is deterministic.
+    """
+    by_prompt: dict[str, list[dict]] = {}
+    for r in responses:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    pairs, outcomes, reasons = [], [], Counter()
+    for p in prompts:
+        cands = sorted(by_prompt.get(p["id"], []), key=lambda r: r["sample_index"])
+        scored = [(response_scores.get(r["id"]), r) for r in cands]
+        scored = [(s, r) for s, r in scored if s is not None]
+        outcome = {"id": p["id"], "num_responses": len(cands), "num_scored": len(scored),
+                   "scores": [response_scores.get(r["id"]) for r in cands]}
+        reason = None
+        if not cands:
+            reason = DROP_NO_RESPONSES
+        elif len(scored) < max(2, rules.min_scored):
+            reason = DROP_TOO_FEW_SCORED
+        else:
+            top = max(s for s, _ in scored)
+            if rules.length_control:
+                near_top = [(s, r) for s, r in scored if s >= top - rules.length_margin]
+                chosen_score, chosen = min(near_top, key=lambda sr: (sr[1]["num_tokens"], -sr[0], sr[1]["sample_index"]))
+            else:
+                chosen_score, chosen = next((s, r) for s, r in scored if s == top)
+            rejected_score, rejected = min(
+                ((s, r) for s, r in scored if r is not chosen), key=lambda sr: (sr[0], -sr[1]["sample_index"]))
+            if chosen_score - rejected_score <= rules.min_gap:
+                reason = DROP_TIE
+            else:
+                pairs.append({
+                    "id": p["id"], "prompt": p["prompt"],
+                    "chosen": chosen["text"], "rejected": rejected["text"],
+                    "chosen_id": chosen["id"], "rejected_id": rejected["id"],
+                    "chosen_score": chosen_score, "rejected_score": rejected_score,
+                })
+        outcome["dropped"] = reason
+        if reason:
+            reasons[reason] += 1
+        outcomes.append(outcome)
+    return pairs, outcomes, reasons

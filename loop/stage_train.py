@@ -1,0 +1,71 @@
+"""Training stages: SFT (M0 -> SFT baseline, M0 -> M1), reference log-probs (5) and DPO (6).
+
+All ranks call these collectively (the trainer runs under DeepSpeed ZeRO when several ranks).
+Examples are tokenized here with the model's chat template: EFT examples are the judge prompt as
+the user turn and the judgment as the assistant turn, so M1 learns to judge with the very prompt
+the AIFT stages use.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.data import PreferencePair, SFTExample
+from engine.distributed import Dist
+from engine.trainer import compute_reference_logprobs, train_dpo, train_sft
+
+from .config import LoopConfig
+from .judge import fill_template
+from .prompts import chat_ids, response_ids
+from .records import read_jsonl, write_jsonl
+
+
+def sft_examples(tok, ift_path: Path, eft_path: Path | None, judge_template: str | None) -> list[SFTExample]:
+    examples = [SFTExample(chat_ids(tok, r["prompt"]), response_ids(tok, r["response"], True))
+                for r in read_jsonl(ift_path, ("id", "prompt", "response"))]
+    if eft_path is not None:
+        for r in read_jsonl(eft_path, ("id", "prompt", "response", "judgment")):
+            examples.append(SFTExample(chat_ids(tok, fill_template(judge_template, r["prompt"], r["response"])),
+                                       response_ids(tok, r["judgment"], True)))
+    return examples
+
+
+def _summary(result) -> dict:
+    losses = list(result.losses)
+    return {"steps": result.steps, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "tokens_per_s": result.tokens_per_s, "mfu": result.mfu,
+            "last_metrics": result.metrics[-1] if result.metrics else {}}
+
+
+def run_sft(tok, dist: Dist, cfg: LoopConfig, *, init_dir: Path, ift_path: Path, eft_path: Path | None,
+            judge_template: str | None, out_dir: Path) -> dict:
+    examples = sft_examples(tok, ift_path, eft_path, judge_template)
+    result = train_sft(str(init_dir), examples, cfg.sft, str(out_dir), resume=True)
+    return {"examples": len(examples), **_summary(result)}
+
+
+def preference_pairs(tok, pairs: list[dict]) -> list[PreferencePair]:
+    return [PreferencePair(p["id"], chat_ids(tok, p["prompt"]), response_ids(tok, p["chosen"], p["chosen_finished"]),
+                           response_ids(tok, p["rejected"], p["rejected_finished"]),
+                           p.get("ref_chosen"), p.get("ref_rejected")) for p in pairs]
+
+
+def run_ref_logprobs(tok, dist: Dist, cfg: LoopConfig, *, init_dir: Path, pairs_path: Path, work: Path) -> dict:
+    """(5) the reference model's (M_t) log-probs of chosen and rejected, stored in the pair records."""
+    records = read_jsonl(pairs_path, ("id", "prompt", "chosen", "rejected"))
+    filled = compute_reference_logprobs(str(init_dir), preference_pairs(tok, records), cfg.dpo) if records else []
+    by_id = {p.id: p for p in filled}
+    for r in records:
+        r["ref_chosen"], r["ref_rejected"] = by_id[r["id"]].ref_chosen, by_id[r["id"]].ref_rejected
+    if dist.is_main:
+        write_jsonl(work / "pairs.jsonl", records)
+    margins = [r["ref_chosen"] - r["ref_rejected"] for r in records]
+    return {"pairs": len(records), "mean_ref_margin": sum(margins) / len(margins) if margins else None}
+
+
+def run_dpo(tok, dist: Dist, cfg: LoopConfig, *, init_dir: Path, pairs_path: Path, out_dir: Path) -> dict:
+    """(6) DPO from M_t on the pairs -> M_{t+1}; resumes from the trainer's checkpoints under out_dir.ckpt."""
+    records = read_jsonl(pairs_path, ("id", "prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"))
+    if not records:
+        raise RuntimeError(f"{pairs_path}: no preference pairs to train on (see the pairs stage's drop reasons)")
+    result = train_dpo(str(init_dir), preference_pairs(tok, records), cfg.dpo, str(out_dir), resume=True)
+    return {"pairs": len(records), **_summary(result)}

@@ -1,0 +1,69 @@
+"""LoopConfig loading/validation (errors name the key), presets, and the run manifest's config guard."""
+import pathlib
+
+import pytest
+
+from loop.config import LoopConfigError, load_config
+from loop.manifest import ManifestError, mark_finished, open_run
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["cpu_default", "smollm2_smoke", "llama2_7b_8xa100", "llama2_70b_8xa100",
+                                  "llama3_8b_8xa100"])
+def test_presets_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.responses.n == 4 and cfg.judge.k == 3
+    if "8xa100" in name:
+        assert cfg.sft.zero_stage == 3 and cfg.dpo.dtype == "bf16" and cfg.dpo.beta == 0.1
+        cfg.sft.validate(world_size=8), cfg.dpo.validate(world_size=8)
+
+
+def test_overrides_and_types():
+    cfg = load_config(CONFIGS / "cpu_default.yaml", ["dpo.lr=3e-4", "run.iterations=3", "data.world.n_ift=50",
+                                                     "prompts.banned_keywords=[a, b]", "model.dtype=null"])
+    assert cfg.dpo.lr == 3e-4 and cfg.run.iterations == 3 and cfg.data.world["n_ift"] == 50
+    assert cfg.prompts.banned_keywords == ("a", "b") and cfg.model.dtype is None
+    assert cfg.dpo.beta == 0.1  # untouched keys keep the preset's values
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.lrr=1", "unknown key dpo.lrr"),
+    ("nosection.x=1", "unknown key nosection"),
+    ("run.seed=abc", "run.seed='abc' must be an integer"),
+    ("pairs.length_control=maybe", "pairs.length_control='maybe' must be true or false"),
+    ("responses.n=1", "responses.n must be >= 2"),
+    ("judge.top_p=0", "judge.top_p must be in"),
+    ("data.source=web", "data.source is 'web': unknown"),
+    ("dpo.loss_type=xx", "dpo.loss_type='xx' is unknown"),
+    ("sft.global_batch=7", "sft.global_batch=7 is not divisible"),
+    ("judge.template=/nonexistent.txt", "judge.template is '/nonexistent.txt': not"),
+    ("seed", "is not key=value"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(LoopConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(CONFIGS / "cpu_default.yaml", [override])
+
+
+def test_bad_yaml_names_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  seed: 1\n  iterations: [1\n")
+    with pytest.raises(LoopConfigError, match=r"c\.yaml:\d+: invalid YAML"):
+        load_config(p)
+
+
+def test_manifest_refuses_changed_config(tmp_path):
+    cfg = load_config(CONFIGS / "cpu_default.yaml", [f"run.run_dir={tmp_path}"])
+    m = open_run(tmp_path, cfg, resume=False, force_config=False)
+    assert m["config_hash"] == cfg.hash() and m["seed"] == 0 and m["code_version"]
+    with pytest.raises(ManifestError, match="--resume"):
+        open_run(tmp_path, cfg, resume=False, force_config=False)
+    open_run(tmp_path, cfg, resume=True, force_config=False)  # same config: fine
+    moved = load_config(CONFIGS / "cpu_default.yaml", ["run.run_dir=elsewhere"])
+    assert moved.hash() == cfg.hash()  # where the run lives is not part of its identity
+    mark_finished(tmp_path, m, 1.0)
+    changed = load_config(CONFIGS / "cpu_default.yaml", [f"run.run_dir={tmp_path}", "dpo.beta=0.5"])
+    with pytest.raises(ManifestError, match=r"finished run .*dpo\.beta: 0\.1 -> 0\.5.*--force-config"):
+        open_run(tmp_path, changed, resume=True, force_config=False)
+    m2 = open_run(tmp_path, changed, resume=True, force_config=True)
+    assert m2["config_hash"] == changed.hash() and m2["history"][0]["old_hash"] == cfg.hash()
