@@ -1,0 +1,69 @@
+"""The embedded CPU default: a small instruction world whose answers a program can grade.
+
+Contract with the loop (docs/CONTRACTS.md):
+- `WorldConfig` (loop/world/config.py): seed-data sizes, model preset + overrides, tokenizer size,
+  M0 pretraining budget. `World(cfg)` exposes:
+  - `build_seed(out_dir) -> dict[str, Path]` with keys "ift", "eft_train", "eft_eval", "eval_prompts"
+    (files ift.jsonl, eft_train.jsonl, eft_eval.jsonl, eval_prompts.jsonl; atomic; deterministic for
+    cfg.seed; the four splits never share an instruction).
+  - `build_m0(cache_dir) -> (checkpoint_dir, tokenizer_path)`: HF checkpoint of the pretrained tiny
+    Llama (tokenizer.model copied in), cached under cache_dir/m0-<hash of config and world source>.
+  - `judge_template_path`: loop/world/judge_template.txt (slots <INSTRUCTION_HERE>, <RESPONSE_HERE>).
+  - `is_valid_prompt(text) -> bool`: text is one solvable instruction of this world (the keyword and
+    length filter for self-generated prompts; needs no grader).
+  - `grade(instruction, response) -> Grade(score, correct, justification)`: ground truth, for seed
+    data and evaluation only. Inside `grader_unavailable()` every grade() raises GraderUnavailable.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import WorldConfig
+from .grader import Grade, GraderUnavailable, grade, grader_unavailable
+from .seed import build_seed_records, write_jsonl
+from .tasks import parse_task
+
+__all__ = ["World", "WorldConfig", "Grade", "GraderUnavailable", "grader_unavailable"]
+
+SEED_FILES = {"ift": "ift.jsonl", "eft_train": "eft_train.jsonl", "eft_eval": "eft_eval.jsonl",
+              "eval_prompts": "eval_prompts.jsonl"}
+
+
+class World:
+    judge_template_path: Path = Path(__file__).resolve().parent / "judge_template.txt"
+
+    def __init__(self, cfg: WorldConfig | None = None):
+        self.cfg = cfg or WorldConfig()
+        self._records: dict[str, list[dict]] | None = None
+
+    def seed_records(self) -> dict[str, list[dict]]:
+        if self._records is None:
+            c = self.cfg
+            self._records = build_seed_records(c.seed, c.n_ift, c.n_eft_train, c.n_eft_eval, c.n_eval_prompts,
+                                               c.eft_group_size)
+        return self._records
+
+    def build_seed(self, out_dir: str | Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        paths = {}
+        for split, name in SEED_FILES.items():
+            paths[split] = out_dir / name
+            write_jsonl(paths[split], self.seed_records()[split])
+        return paths
+
+    def seed_instructions(self) -> set[str]:
+        return {r["prompt"] for records in self.seed_records().values() for r in records}
+
+    def build_m0(self, cache_dir: str | Path, log=print) -> tuple[Path, Path]:
+        from .m0 import build_m0
+
+        template = self.judge_template_path.read_text(encoding="utf-8")
+        return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log)
+
+    @staticmethod
+    def is_valid_prompt(text: str) -> bool:
+        return parse_task(text) is not None
+
+    @staticmethod
+    def grade(instruction: str, response: str) -> Grade:
+        return grade(instruction, response)

@@ -1,0 +1,99 @@
+"""The world's pretraining corpus: the text a base model of this world would have read.
+
+Four kinds of documents, drawn from the same task families as the seed data but never from the
+seed instructions themselves: tasks with answers ("Task: ... Answer: ..."), reviews of answers
+that spell out the checks ("Task / Response / Review: ... Score: k"), plain facts ("5 + 9 = 14",
+"12 < 18 < 30", "18 is even") and lists of tasks (what self-instruct prompting continues). M0 thus
+knows the world's facts and formats, but not the chat template nor the judge rubric: those come
+from IFT and EFT.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .grader import justification_for
+from .seed import candidates_by_score, correct_response
+from .tasks import sample_task
+
+
+@dataclass(frozen=True)
+class CorpusMix:
+    """Relative weights of the document kinds."""
+
+    qa: float = 0.45
+    review: float = 0.25
+    facts: float = 0.15
+    task_list: float = 0.15
+
+
+def _qa_doc(rng: random.Random, forbidden: set[str]) -> str:
+    lines = []
+    for _ in range(rng.randint(1, 3)):
+        task = _fresh_task(rng, forbidden)
+        lines.append(f"Task: {task.text}\nAnswer: {correct_response(task, rng)}")
+    return "\n\n".join(lines)
+
+
+def _review_doc(rng: random.Random, forbidden: set[str]) -> str:
+    task = _fresh_task(rng, forbidden)
+    by_score = candidates_by_score(task, rng, tries=6)
+    score = rng.choice(sorted(by_score))
+    response = rng.choice(by_score[score])
+    _, text = justification_for(task, response)
+    return f"Task: {task.text}\nResponse: {response}\nReview: {text}"
+
+
+def _fact_line(rng: random.Random) -> str:
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
+        return f"{a} + {b} = {a + b}"
+    if kind == 1:
+        a, b, c = (rng.randint(0, 9) for _ in range(3))
+        return f"{a} + {b} + {c} = {a + b + c}"
+    if kind == 2:
+        x = rng.randint(0, 60)
+        return f"{x} is {'even' if x % 2 == 0 else 'odd'}"
+    if kind == 3:
+        x, y = rng.sample(range(0, 61), 2)
+        return f"{x} {'<' if x < y else '>'} {y}"
+    a = rng.randint(0, 45)
+    b = a + rng.randint(2, 14)
+    x = rng.randint(a + 1, b - 1)
+    return f"{a} < {x} < {b}"
+
+
+def _facts_doc(rng: random.Random) -> str:
+    return "\n".join(_fact_line(rng) for _ in range(rng.randint(4, 8)))
+
+
+def _task_list_doc(rng: random.Random, forbidden: set[str]) -> str:
+    tasks = [_fresh_task(rng, forbidden).text for _ in range(rng.randint(3, 6))]
+    return "Tasks:\n" + "\n".join(f"{i + 1}. {t}" for i, t in enumerate(tasks))
+
+
+def _fresh_task(rng: random.Random, forbidden: set[str]):
+    while True:
+        task = sample_task(rng)
+        if task.text not in forbidden:
+            return task
+
+
+def corpus_documents(seed: int, n_docs: int, forbidden: set[str], mix: CorpusMix = CorpusMix()) -> list[str]:
+    """`n_docs` documents, deterministic for `seed`; no seed instruction (`forbidden`) appears."""
+    rng = random.Random(f"world-corpus-{seed}")
+    kinds = ("qa", "review", "facts", "task_list")
+    weights = [getattr(mix, k) for k in kinds]
+    docs = []
+    for _ in range(n_docs):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "qa":
+            docs.append(_qa_doc(rng, forbidden))
+        elif kind == "review":
+            docs.append(_review_doc(rng, forbidden))
+        elif kind == "facts":
+            docs.append(_facts_doc(rng))
+        else:
+            docs.append(_task_list_doc(rng, forbidden))
+    return docs

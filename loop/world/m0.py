@@ -1,0 +1,126 @@
+"""M0 of the world: train its tokenizer, pretrain a tiny Llama from scratch, cache by config hash.
+
+The cache key hashes the WorldConfig and the source of every file that shapes the corpus, the
+tokenizer or the training step, so a code change rebuilds M0 and a rerun with the same config skips
+straight to the cached checkpoint.
+
+Pretraining is a plain next-token loss over packed documents. The vocabulary is a few hundred pieces,
+so full logits are cheaper here than the fused kernels.linear_logprobs (which exists to avoid
+[N, V] logits for 32k-128k vocabularies); the loop's SFT and DPO stages use the engine trainer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import save_pretrained
+from model.llama import Llama
+
+from .config import WorldConfig
+from .corpus import corpus_documents
+from .tokenizer_train import train_tokenizer
+
+WORLD_DIR = Path(__file__).resolve().parent
+_SOURCES = ("tasks.py", "grader.py", "seed.py", "corpus.py", "tokenizer_train.py", "m0.py", "config.py",
+            "judge_template.txt")
+
+
+def m0_cache_key(cfg: WorldConfig) -> str:
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name in _SOURCES:
+        h.update((WORLD_DIR / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_texts(docs: list[str], judge_template: str) -> list[str]:
+    # The judge prompt is read for every judgment: repeat it so its words become whole pieces.
+    return docs + [judge_template] * 30
+
+
+def _pack(docs: list[str], sp, seq_len: int) -> torch.Tensor:
+    """Documents as <s> text </s>, concatenated and cut into rows of seq_len + 1 tokens."""
+    ids: list[int] = []
+    for d in docs:
+        ids.append(sp.bos_id())
+        ids.extend(sp.encode(d))
+        ids.append(sp.eos_id())
+    n_rows = len(ids) // (seq_len + 1)
+    if n_rows == 0:
+        raise ValueError(f"loop/world/m0.py: corpus of {len(ids)} tokens is shorter than one row ({seq_len + 1})")
+    return torch.tensor(ids[: n_rows * (seq_len + 1)], dtype=torch.long).view(n_rows, seq_len + 1)
+
+
+def _lr_at(step: int, cfg: WorldConfig) -> float:
+    if step < cfg.pretrain_warmup:
+        return cfg.pretrain_lr * (step + 1) / cfg.pretrain_warmup
+    progress = (step - cfg.pretrain_warmup) / max(1, cfg.pretrain_steps - cfg.pretrain_warmup)
+    return cfg.pretrain_min_lr + 0.5 * (cfg.pretrain_lr - cfg.pretrain_min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=print,
+             device: str | torch.device = "cpu") -> tuple[Llama, list[dict]]:
+    """Train a fresh Llama on `rows` ([R, seq_len + 1] token ids) for cfg.pretrain_steps steps."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = Llama(cfg.model_config()).init_weights(cfg.init_std, gen).to(device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.pretrain_weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.pretrain_lr, betas=(0.9, 0.95))
+    history = []
+    t0 = time.perf_counter()
+    for step in range(cfg.pretrain_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        batch = rows[torch.randint(0, rows.shape[0], (cfg.pretrain_batch,), generator=gen)]
+        batch = batch.to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == cfg.pretrain_steps - 1:
+            elapsed = time.perf_counter() - t0
+            history.append({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)})
+            if log:
+                log(f"[m0] step {step}/{cfg.pretrain_steps} loss {loss.item():.3f} ({elapsed:.0f}s)")
+    model.eval()
+    return model.cpu(), history
+
+
+def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str], judge_template: str,
+             log=print) -> tuple[Path, Path]:
+    """(checkpoint_dir, tokenizer_path) of M0 for this config, built once and then reused."""
+    import sentencepiece as spm
+
+    root = Path(cache_dir) / f"m0-{m0_cache_key(cfg)}"
+    ckpt = root / "checkpoint"
+    if (ckpt / "config.json").is_file() and (ckpt / "tokenizer.model").is_file():
+        return ckpt, ckpt / "tokenizer.model"
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts)
+    tok_path = train_tokenizer(tokenizer_texts(docs, judge_template), root / "tokenizer.model",
+                               cfg.tokenizer_vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    rows = _pack(docs, sp, cfg.pretrain_seq_len)
+    model, history = pretrain(cfg, rows, log=log)
+    save_pretrained(model, ckpt, tokenizer_dir=tok_path)
+    summary = {"config": cfg.to_dict(), "corpus_rows": rows.shape[0], "corpus_tokens": rows.numel(),
+               "params": cfg.model_config().num_params(), "wall_s": round(time.perf_counter() - t0, 1),
+               "history": history}
+    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, root / "pretrain_log.json")
+    return ckpt, ckpt / "tokenizer.model"

@@ -1,0 +1,230 @@
+"""The embedded default world: task checkers, grader, seed data, prompt filter, tokenizer and M0 cache."""
+import json
+import random
+import re
+
+import pytest
+
+from loop.judge import load_template, parse_score
+from loop.world import World, WorldConfig, grader_unavailable
+from loop.world.grader import GraderUnavailable, grade
+from loop.world.tasks import FAMILIES, Task, parse_task, run_checks, sample_task
+from model.config import ConfigError
+
+# A hand-written correct and a hand-written wrong answer (with the score the grader must give) per family.
+CASES = [
+    ("Give three digits that sum to 14.", "5 9 0", [("5 9 1", 3), ("12 2 0", 2), ("5 9", 1), ("5, 9, 0", 4)]),
+    ("List two digits with a sum of 7.", "3 4", [("3 5", 3), ("10 -3", 2), ("7", 1), ("The answer is 3 4.", 4)]),
+    ("Pick two numbers from 3 8 5 1 that sum to 9.", "8 1", [("5 3", 3), ("7 2", 2), ("4 4", 2), ("8 1 0", 1)]),
+    ("Which two numbers in 2 6 9 4 add up to 13?", "9 4", [("9 2", 3), ("6 7", 2), ("9 4.", 4)]),
+    ("Name an even number between 12 and 30.", "18", [("17", 3), ("12", 2), ("30", 2), ("32", 2), ("18 20", 1)]),
+    ("Give an odd number greater than 40 and less than 44.", "41", [("42", 3), ("39", 2), ("I do not know.", 0)]),
+    ("Name a number from 14 37 22 9 that is bigger than 20.", "37", [("14", 3), ("38", 2), ("37 22", 1)]),
+    ("Which number in 14 37 22 9 is smaller than 20?", "9", [("22", 3), ("19", 2), ("Sure , 9", 4)]),
+]
+
+
+@pytest.mark.parametrize("instruction,right,wrongs", CASES)
+def test_checkers_agree_with_constructed_answers(instruction, right, wrongs):
+    g = grade(instruction, right)
+    assert (g.score, g.correct) == (5.0, True), g.justification
+    for response, expected in wrongs:
+        g = grade(instruction, response)
+        assert g.score == expected and not g.correct, (response, g.justification)
+
+
+def test_every_family_solution_scores_five_and_checks_are_nested():
+    rng = random.Random(1)
+    for _ in range(200):
+        task = sample_task(rng)
+        sols = FAMILIES[task.family].solutions(task.params)
+        assert sols, task.text
+        assert parse_task(task.text) == task
+        for sol in rng.sample(sols, min(3, len(sols))):
+            assert grade(task.text, " ".join(map(str, sol))).score == 5
+        checks = run_checks(task, "1 2 3 4 5 6")
+        # Only the last check run can fail: the score is the count of passes before the first failure.
+        assert all(c.passed for c in checks[:-1])
+
+
+def test_justification_spells_the_check_and_parses():
+    g = grade("Give three digits that sum to 14.", "5 9 1")
+    assert "5 + 9 + 1 = 15 , target 14: no." in g.justification
+    assert g.justification.endswith("Score: 3")
+    assert parse_score(g.justification) == 3.0
+    rng = random.Random(2)
+    for _ in range(100):
+        task = sample_task(rng)
+        for response in ("", "7", "3 4", "Yes.", "10 20 30"):
+            g = grade(task.text, response)
+            assert re.search(r"Score: [0-5]$", g.justification)
+            assert parse_score(g.justification) == g.score
+
+
+def test_grade_rejects_foreign_instruction():
+    with pytest.raises(ValueError, match="not an instruction of this world"):
+        grade("Write a poem about the sea.", "5")
+
+
+def test_grader_can_be_made_unavailable():
+    world = World(WorldConfig())
+    with grader_unavailable():
+        with pytest.raises(GraderUnavailable):
+            world.grade("Give three digits that sum to 14.", "5 9 0")
+        assert world.is_valid_prompt("Give three digits that sum to 14.")  # the prompt filter needs no grader
+    assert world.grade("Give three digits that sum to 14.", "5 9 0").score == 5
+
+
+def test_is_valid_prompt_accepts_phrasings_and_rejects_junk():
+    rng = random.Random(3)
+    for _ in range(300):
+        assert World.is_valid_prompt(sample_task(rng).text)
+    assert World.is_valid_prompt("  give THREE digits   that sum to 14. ")
+    for junk in ("", "Give three digits that sum to", "Give four digits that sum to 14.", "hello world",
+                 "Give three digits that sum to 40.",  # no three digits sum to 40
+                 "Pick two numbers from 3 8 5 1 that sum to 17.",  # no such pair
+                 "Name an even number between 12 and 13.",  # nothing between
+                 "Name a number from 14 37 22 9 that is bigger than 90.",
+                 "Give three digits that sum to 14. Give three digits that sum to 14.",
+                 "Give three digits that sum to 14.\nAnswer: 5 9 0", "x" * 500):
+        assert not World.is_valid_prompt(junk), junk
+
+
+def _small_world(**kw) -> World:
+    return World(WorldConfig(n_ift=60, n_eft_train=20, n_eft_eval=10, n_eval_prompts=30, **kw))
+
+
+def test_seed_is_deterministic_disjoint_and_ranked(tmp_path):
+    world = _small_world()
+    paths = world.build_seed(tmp_path / "a")
+    again = _small_world().build_seed(tmp_path / "b")
+    for split, path in paths.items():
+        assert path.read_bytes() == again[split].read_bytes(), split
+    other = _small_world(seed=1).build_seed(tmp_path / "c")
+    assert paths["ift"].read_bytes() != other["ift"].read_bytes()
+    recs = {split: [json.loads(line) for line in path.read_text().splitlines()] for split, path in paths.items()}
+    assert [len(recs[s]) for s in ("ift", "eval_prompts")] == [60, 30]
+    prompts = {s: {r["prompt"] for r in recs[s]} for s in recs}
+    splits = list(prompts)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            assert not prompts[a] & prompts[b], (a, b)
+    for r in recs["ift"]:
+        assert grade(r["prompt"], r["response"]).score == 5
+    for split in ("eft_train", "eft_eval"):
+        groups = {}
+        for r in recs[split]:
+            assert set(r) == {"id", "group_id", "prompt", "response", "rank", "judgment", "score"}
+            assert parse_score(r["judgment"]) == r["score"] == grade(r["prompt"], r["response"]).score
+            groups.setdefault(r["group_id"], []).append(r)
+        assert len(groups) == {"eft_train": 20, "eft_eval": 10}[split]
+        for group in groups.values():
+            assert len({r["response"] for r in group}) == len(group) == 4
+            assert len({r["rank"] for r in group}) >= 2
+            best = max(r["score"] for r in group)
+            for r in group:  # rank 0 = best, ties share a rank, order follows the score
+                assert (r["rank"] == 0) == (r["score"] == best)
+                for s in group:
+                    assert (r["rank"] < s["rank"]) == (r["score"] > s["score"])
+        assert sum(len({r["rank"] for r in g}) >= 3 for g in groups.values()) >= len(groups) // 2
+    ids = [r["id"] for s in recs.values() for r in s]
+    assert len(ids) == len(set(ids))
+
+
+def test_eft_covers_model_like_errors():
+    recs = World(WorldConfig(n_ift=10, n_eft_train=200, n_eft_eval=10, n_eval_prompts=10)).seed_records()
+    scores = [r["score"] for r in recs["eft_train"]]
+    assert all(scores.count(float(s)) >= 20 for s in range(6)), [scores.count(float(s)) for s in range(6)]
+
+
+def test_judge_template_has_the_paper_structure():
+    text = load_template(World.judge_template_path)
+    assert "additive 5-point" in text and "Score: <total points>" in text
+    assert len(text.split()) < 110  # a tiny model reads it for every judgment
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="n_ift"):
+        WorldConfig(n_ift=0)
+    with pytest.raises(ConfigError, match="model_preset"):
+        WorldConfig(model_preset="nope")
+    with pytest.raises(ConfigError, match="unknown key"):
+        WorldConfig.from_dict({"n_ift": 5, "bogus": 1})
+
+
+def test_tokenizer_is_deterministic_and_keeps_numbers_whole(tmp_path):
+    import sentencepiece as spm
+
+    from loop.world.corpus import corpus_documents
+    from loop.world.m0 import tokenizer_texts
+    from loop.world.tokenizer_train import train_tokenizer
+
+    docs = corpus_documents(0, 400, set())
+    template = World.judge_template_path.read_text()
+    a = train_tokenizer(tokenizer_texts(docs, template), tmp_path / "a.model", 512)
+    b = train_tokenizer(tokenizer_texts(docs, template), tmp_path / "b.model", 512)
+    assert a.read_bytes() == b.read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(a))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
+    pieces = sp.encode("[INST] Give two digits that sum to 9. [/INST] 4 5", out_type=str)
+    assert "[INST]" in pieces and "[/INST]" in pieces
+    assert "9." not in "".join(p + "|" for p in pieces).replace("▁", "").split("|")  # number apart from "."
+    assert sp.decode(sp.encode("Score: 5 ; 12 < 18 < 30 é")) == "Score: 5 ; 12 < 18 < 30 é"  # byte fallback
+    # The loop's expected-score judge needs "Score: k" = shared prefix + one score token.
+    encoded = [sp.encode(f"Score: {k}") for k in range(6)]
+    assert len({tuple(e[:-1]) for e in encoded}) == 1 and len({e[-1] for e in encoded}) == 6
+
+
+def test_corpus_excludes_seed_instructions():
+    from loop.world.corpus import corpus_documents
+
+    world = _small_world()
+    forbidden = world.seed_instructions()
+    docs = corpus_documents(0, 2000, forbidden)
+    text = "\n".join(docs)
+    lines = {line.split(": ", 1)[-1] for line in text.splitlines()} | {
+        line.split(". ", 1)[-1] for line in text.splitlines()}
+    assert not forbidden & lines
+    assert corpus_documents(0, 50, forbidden) == docs[:50]
+
+
+def test_build_m0_is_cached(tmp_path):
+    from model.checkpoint import load_pretrained
+
+    cfg = WorldConfig(n_ift=20, n_eft_train=5, n_eft_eval=5, n_eval_prompts=5, corpus_docs=300,
+                      pretrain_steps=3, pretrain_batch=2, pretrain_seq_len=64, tokenizer_vocab_size=512,
+                      model_overrides={"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
+                                       "max_seq_len": 128})
+    logs = []
+    ckpt, tok = World(cfg).build_m0(tmp_path, log=logs.append)
+    assert (ckpt / "config.json").is_file() and tok.is_file() and tok.parent == ckpt
+    assert logs  # it trained
+    model = load_pretrained(ckpt)
+    assert model.config.vocab_size == 512 and model.config.dim == 32
+    stamp = (ckpt / "config.json").stat().st_mtime_ns
+    logs.clear()
+    assert World(cfg).build_m0(tmp_path, log=logs.append) == (ckpt, tok)
+    assert not logs and (ckpt / "config.json").stat().st_mtime_ns == stamp
+    other, _ = World(cfg.__class__(**{**cfg.to_dict(), "pretrain_steps": 4})).build_m0(tmp_path, log=None)
+    assert other != ckpt
+
+
+def test_evidence_tables_report_mean_and_spread():
+    from bench.evidence import mean_spread, tables
+
+    assert mean_spread([1.0, 2.0, 3.0]) == "2 ± 1"
+    assert mean_spread([None, 4.0]) == "4 (n=1)"
+    assert mean_spread([None]) == "-"
+
+    def run(score, pairwise):
+        return {"evals": {"sft_baseline": {"grader": {"mean_score": score, "accuracy": 10.0}},
+                          "M1": {"grader": {"mean_score": score + 1, "accuracy": 20.0},
+                                 "reward_model": {"pairwise_accuracy": pairwise, "spearman": float("nan")}}},
+                "head_to_head": {"M1 vs sft_baseline": {"win": 50.0, "loss": 20.0, "tie": 30.0}}}
+
+    text = tables({0: run(2.0, 60.0), 1: run(3.0, 70.0), 2: run(4.0, 80.0)}, {0: 100.0, 1: 110.0, 2: 120.0})
+    assert "| GT mean score | 3 ± 1 | 4 ± 1 |" in text
+    assert "| judge pairwise % | - | 70 ± 10 |" in text
+    assert "| judge Spearman | - | - |" in text  # NaN is no value
+    assert "| M1 vs sft_baseline | 50 ± 0 | 20 ± 0 | 30 ± 0 |" in text
+    assert "110 ± 10 s" in text
