@@ -40,11 +40,13 @@ def _free_port() -> int:
 def init_distributed(use_deepspeed: bool | None = None) -> Dist:
     """Join (or create) the default process group; idempotent.
 
-    use_deepspeed None means "if installed". Without torchrun this is a world of one."""
-    if use_deepspeed is None:
-        use_deepspeed = deepspeed_available()
+    use_deepspeed None means "if installed and there are several ranks": a world of one trains with
+    plain torch (engine/runners.py), so it need not pay DeepSpeed's comm setup (which compiles an op on
+    CPU the first time). Without torchrun this is a world of one."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if use_deepspeed is None:
+        use_deepspeed = world_size > 1 and deepspeed_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if cuda:

@@ -27,7 +27,7 @@ class WorldConfig:
     chat_template: str = "llama2"
     # M0 pretraining (plain next-token loss on the world's corpus; steps, not seconds, so it is reproducible)
     corpus_docs: int = 12000
-    pretrain_steps: int = 200
+    pretrain_steps: int = 800
     pretrain_batch: int = 16
     pretrain_seq_len: int = 256
     pretrain_lr: float = 3e-3

@@ -69,8 +69,10 @@ def _facts_doc(rng: random.Random) -> str:
 
 
 def _task_list_doc(rng: random.Random, forbidden: set[str]) -> str:
-    tasks = [_fresh_task(rng, forbidden).text for _ in range(rng.randint(3, 6))]
-    return "Tasks:\n" + "\n".join(f"{i + 1}. {t}" for i, t in enumerate(tasks))
+    # Exactly the shape of loop/templates/self_instruct_world.txt, so the model continues such a list
+    # with one new task (self-instruct prompting of a base model), up to the 9th item the loop asks for.
+    tasks = [_fresh_task(rng, forbidden).text for _ in range(rng.randint(3, 9))]
+    return "Tasks:\n" + "\n".join(f"Task {i + 1}: {t}" for i, t in enumerate(tasks))
 
 
 def _fresh_task(rng: random.Random, forbidden: set[str]):
