@@ -61,7 +61,9 @@ class DataConfig:
 class PromptGenConfig:
     num_prompts: int = 1000  # new prompts wanted per iteration (the paper does not say how many)
     attempts_factor: float = 2.0  # generations tried = num_prompts x this; the filter keeps the first good ones
-    model: str = "current"  # "current" (M_t, the paper's appendix variant) or a checkpoint path
+    # "current" (M_t, the paper's appendix variant), "M0" (the fixed base model: the paper used a fixed
+    # pretrained/chat model for this step) or a checkpoint path
+    model: str = "current"
     world_filter: bool = True  # also require the world's is_valid_prompt (data.source = world)
     chat: bool = True  # wrap the few-shot prompt in the chat template (False: raw continuation, base models)
     template: str = "self_instruct.txt"  # file in loop/templates or a path

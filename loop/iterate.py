@@ -182,7 +182,7 @@ class Loop:
 
         cfg, it = self.cfg, f"iter_{t}"
         current = self.model_dir(f"M{t}")
-        gen_model = current if cfg.prompts.model == "current" else Path(cfg.prompts.model)
+        gen_model = {"current": current, "M0": self.model_dir("M0")}.get(cfg.prompts.model) or Path(cfg.prompts.model)
         s1, s2, s3, s4 = (self.stage(it, n) for n in ("1_prompts", "2_responses", "3_judgments", "4_pairs"))
         earlier = [self.run_dir / f"iter_{k}" / "1_prompts" / "prompts.jsonl" for k in range(1, t)]
         is_valid = self.world.is_valid_prompt if (self.world is not None and cfg.prompts.world_filter) else None

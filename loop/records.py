@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 
 class RecordError(ValueError):
@@ -69,22 +69,26 @@ def _parse_line(path, lineno: int, line: str, required: Sequence[str]) -> dict:
     return record
 
 
-def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), *, unique_ids: bool = True) -> list[dict]:
-    """Read a complete JSONL file; blank lines are skipped, anything malformed raises RecordError."""
+def iter_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; anything malformed raises RecordError naming file:line."""
     path = Path(path)
     if not path.exists():
         raise RecordError(f"{path}:0: file not found")
-    records, seen = [], {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = _parse_line(path, lineno, line, required)
-            if unique_ids and "id" in record:
-                if record["id"] in seen:
-                    raise RecordError(f"{path}:{lineno}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
-                seen[record["id"]] = lineno
-            records.append(record)
+            if line.strip():
+                yield lineno, _parse_line(path, lineno, line, required)
+
+
+def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), *, unique_ids: bool = True) -> list[dict]:
+    """Read a complete JSONL file; blank lines are skipped, anything malformed raises RecordError."""
+    records, seen = [], {}
+    for lineno, record in iter_jsonl(path, required):
+        if unique_ids and "id" in record:
+            if record["id"] in seen:
+                raise RecordError(f"{path}:{lineno}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
+            seen[record["id"]] = lineno
+        records.append(record)
     return records
 
 

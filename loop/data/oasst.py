@@ -20,7 +20,7 @@ import random
 import sys
 from pathlib import Path
 
-from ..records import RecordError, write_jsonl
+from ..records import RecordError, iter_jsonl, write_jsonl
 
 
 def _usable(msg: dict, lang: str) -> bool:
@@ -53,18 +53,7 @@ def _first_turns_from_messages(records: list[tuple[int, dict]], path) -> list[di
 def read_export(path: str | Path) -> list[dict]:
     """First turns of an oasst1 export: [{"root": prompt message, "replies": [assistant messages]}]."""
     path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise RecordError(f"{path}:{lineno}: expected a JSON object")
-            records.append((lineno, obj))
+    records = list(iter_jsonl(path))
     if not records:
         raise RecordError(f"{path}:0: empty export")
     is_trees = "message_tree_id" in records[0][1] and "prompt" in records[0][1]
