@@ -1,6 +1,7 @@
 """Tensors in, logits out: turns a scheduled step into one varlen forward of the model.
 
-Owns the per-layer KV caches [num_blocks, block_size, Hkv, D] and the PagedAttention backend. The model
+Owns the per-layer KV caches ([num_blocks, block_size, Hkv, D] for the Triton decode kernel, head-major
+[Hkv, num_blocks, block_size, D] for the torch path) and the PagedAttention backend. The model
 is the training Llama, called with B=1, T=all tokens of the step and per-token positions; logits are
 computed only for the rows that sample (the last token of each sequence with nothing left to compute).
 """
@@ -11,6 +12,11 @@ import torch.nn.functional as F
 
 from .paged_attention import PagedAttention, StepLayout, build_layout
 from .sequence import Sequence
+
+# Carried decode K/V (torch path, see paged_attention): at most this many bytes, room for this many more
+# tokens per rebuild (a rebuild is one gather, as every step costs without it).
+DENSE_DECODE_BYTES = 512 << 20
+DENSE_HEADROOM_BLOCKS = 4
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -31,6 +37,7 @@ class ModelRunner:
             raise ValueError(f"sampler: attention_impl={attention_impl!r} (expected 'auto', 'torch' or 'triton')")
         self.triton_decode = attention_impl == "triton" or (attention_impl == "auto" and self.device.type == "cuda")
         self.backend: PagedAttention | None = None
+        self.dense_prev: tuple[list[int], list[int], int] | None = None  # decode seq ids, contexts, cap
         # Decode steps are launch-bound (hundreds of small kernels per token): replay them as CUDA graphs.
         self.graphs = DecodeGraphs(self, max_num_seqs) if cuda_graphs and self.triton_decode and \
             self.device.type == "cuda" else None
@@ -40,7 +47,8 @@ class ModelRunner:
             return
         c = self.model.config
         # One block more than the manager hands out: padded graph rows write their K/V there.
-        shape = (self.num_blocks + 1, self.block_size, c.n_kv_heads, c.head_dim)
+        shape = (self.num_blocks + 1, self.block_size, c.n_kv_heads, c.head_dim) if self.triton_decode else \
+            (c.n_kv_heads, self.num_blocks + 1, self.block_size, c.head_dim)
         # Zeros, not empty: padded lanes of a gather read never-written slots, and 0 * NaN would poison SDPA.
         k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
         v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)]
@@ -48,6 +56,7 @@ class ModelRunner:
 
     def free_cache(self) -> None:
         self.backend = None
+        self.dense_prev = None
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -68,10 +77,13 @@ class ModelRunner:
         for seq, n in prefill:
             input_ids.extend(seq.token_ids[seq.num_computed:seq.num_computed + n])
             positions.extend(range(seq.num_computed, seq.num_computed + n))
+        dense_mode, dense_cap, dense_state = self._dense_plan(decode)
+        self.dense_prev = None  # stays None if the forward fails midway (the carried K/V are then stale)
         self.backend.layout = build_layout(
             [(seq.block_table, seq.num_computed + 1) for seq, _ in decode],
             [(seq.block_table, seq.num_computed, n) for seq, n in prefill],
-            self.block_size, self.device, self.triton_decode,
+            self.block_size, self.device, self.triton_decode, self.model.config.n_kv_heads, self.num_blocks + 1,
+            dense_mode, dense_cap,
         )
         sampling, rows, row = [], [], 0
         for seq, n in decode + prefill:
@@ -83,6 +95,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
         hidden = self.model(ids[None], positions=pos[None], attn_backend=self.backend, return_hidden=True)[0]
         self.backend.layout = None
+        self.dense_prev = dense_state
         if not sampling:
             return sampling, None
         rows_t = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
@@ -90,6 +103,25 @@ class ModelRunner:
         if logits.dtype != torch.float64:
             logits = logits.float()
         return sampling, logits
+
+    def _dense_plan(self, decode: list[tuple[Sequence, int]]):
+        """("step" | "build" | None, cap, state to remember): step when the decode batch is last step's,
+        same order, each one token further, and still fits the carried K/V."""
+        if self.triton_decode or not decode:
+            return None, 0, None
+        ids = [seq.seq_id for seq, _ in decode]
+        ctx = [seq.num_computed + 1 for seq, _ in decode]
+        longest = max(ctx)
+        prev = self.dense_prev
+        if prev is not None and prev[0] == ids and longest <= prev[2] and \
+                all(c == p + 1 for c, p in zip(ctx, prev[1])):
+            return "step", prev[2], (ids, ctx, prev[2])
+        c = self.model.config
+        cap = (-(-longest // self.block_size) + DENSE_HEADROOM_BLOCKS) * self.block_size
+        elem = torch.finfo(self.dtype).bits // 8
+        if 2 * c.n_layers * len(decode) * c.n_kv_heads * cap * c.head_dim * elem > DENSE_DECODE_BYTES:
+            return None, 0, None
+        return "build", cap, (ids, ctx, cap)
 
 
 class DecodeGraphs:

@@ -49,16 +49,19 @@ def sample_next(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.
     for greedy rows. Returns the chosen token ids and, if asked, their log-probs under the raw logits."""
     S, V = logits.shape
     greedy = temperatures == 0
-    tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
-        rows = (~greedy).nonzero()[:, 0]
-        scaled = logits[rows] / temperatures[rows, None]
-        k = top_ks[rows]
+    num_greedy = int(greedy.sum())
+    # All-sampled batches (the common case) skip the argmax and the row selection copies.
+    tokens = logits.argmax(-1) if num_greedy else None
+    if num_greedy < S:
+        rows = (~greedy).nonzero()[:, 0] if num_greedy else None
+        sampled = range(S) if rows is None else rows.tolist()
+        scaled = logits / temperatures[:, None] if rows is None else logits[rows] / temperatures[rows, None]
+        k = top_ks if rows is None else top_ks[rows]
         if bool(((k > 0) & (k < V)).any()):
             k_eff = torch.where((k > 0) & (k < V), k, torch.full_like(k, V))
             kth = scaled.topk(int(k_eff.max()), dim=-1).values.gather(1, (k_eff - 1)[:, None])
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        p = top_ps[rows]
+        p = top_ps if rows is None else top_ps[rows]
         if bool((p < 1).any()):
             sorted_logits, order = scaled.sort(-1, descending=True)
             sorted_probs = sorted_logits.softmax(-1)
@@ -67,10 +70,10 @@ def sample_next(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.
             drop[:, 0] = False
             scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
         cdf = scaled.softmax(-1).double().cumsum(-1)
-        uniforms = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in rows.tolist()])
+        uniforms = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in sampled])
         uniforms = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]
         picked = torch.searchsorted(cdf, uniforms, right=True)[:, 0].clamp(max=V - 1)
-        tokens = tokens.index_put((rows,), picked)
+        tokens = picked if rows is None else tokens.index_put((rows,), picked)
     token_list = tokens.tolist()
     if not want_logprobs:
         return token_list, None
