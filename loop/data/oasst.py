@@ -15,7 +15,6 @@ CLI: python -m loop.data.oasst EXPORT.jsonl OUT_DIR [--ift N] [--eft-prompts N] 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
