@@ -1,8 +1,12 @@
-"""Benchmark: naive lm_head -> log_softmax -> gather vs kernels.linear_logprobs, forward + backward.
+"""Benchmark: the DPO log-prob path, naive vs ours, forward + backward (and forward only).
 
-Naive is what users write: fp32 logits = F.linear(h, W).float(), log_softmax, gather. Ours is
-kernels.linear_logprobs (impl="triton" on cuda, the chunked torch path on cpu). Liger-Kernel's fused
-linear cross-entropy (reduction="sum", the same fwd+bwd work) is a third column when importable.
+The N tokens form 2P sequences of SEQ_LEN tokens (P pairs, chosen then rejected) and fwd+bwd computes
+the sigmoid DPO loss of their sequence log-prob sums against fixed reference log-probs, then backward.
+Naive is what users write: fp32 logits = F.linear(h, W).float(), log_softmax, gather, sums, loss.
+"ours" is kernels.linear_logprobs (impl="triton" on cuda, the chunked torch path on cpu) + the same
+sums and loss; "fused" is kernels.sequence_objective (logits once, gradients in forward: 3 matmuls).
+Liger-Kernel's fused linear cross-entropy (reduction="sum": the same matmul work, a different scalar)
+is a column when importable. The forward-only table (the reference-model pass) is per-token log-probs.
 Every ratio is against naive measured in the same run.
 
 Peak memory is the extra memory of one fwd+bwd over the inputs (hidden, weight, targets), grads
@@ -27,9 +31,31 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.linear_logprobs import linear_logprobs  # noqa: E402
+from kernels.sequence_objective import sequence_objective  # noqa: E402
 
 GPU_SHAPES = [(4096, 2048, 32000), (16384, 4096, 128256)]
 CPU_SHAPES = [(1024, 256, 32000), (2048, 512, 32000)]
+SEQ_LEN = 256  # tokens per sequence: N / 256 sequences, N / 512 pairs
+BETA = 0.1
+
+
+def dpo_from_tokens(token_logp, ref):
+    seq = token_logp.reshape(-1, SEQ_LEN).sum(dim=1)
+    pairs = seq.shape[0] // 2
+    margin = (seq[:pairs] - ref[:pairs]) - (seq[pairs:] - ref[pairs:])
+    return -F.logsigmoid(BETA * margin).mean()
+
+
+def fused_dpo(hidden, weight, targets, ref, impl):
+    rows = hidden.shape[0] // SEQ_LEN
+    pairs = rows // 2
+
+    def objective(logp, count, group_rows):
+        margin = (logp[0::2] - ref[group_rows[0::2]]) - (logp[1::2] - ref[group_rows[1::2]])
+        return -F.logsigmoid(BETA * margin).sum() / pairs
+
+    return sequence_objective(hidden.reshape(rows, SEQ_LEN, -1), weight, targets.reshape(rows, SEQ_LEN), None,
+                              objective, [[i, i + pairs] for i in range(pairs)], impl=impl).value
 
 
 def naive_logprobs(hidden, weight, targets):
@@ -45,12 +71,18 @@ def liger_fn():
     return lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="sum")
 
 
-def methods(device):
+def methods(device, forward_only=False):
+    """name -> fn(hidden, weight, targets, ref): per-token log-probs (forward only) or the DPO loss."""
     impl = "triton" if device == "cuda" else "torch"
-    out = {"naive": naive_logprobs, "ours": lambda h, w, t: linear_logprobs(h, w, t, impl=impl)}
+    ours = lambda h, w, t: linear_logprobs(h, w, t, impl=impl)  # noqa: E731
+    if forward_only:
+        return {"naive": lambda h, w, t, ref: naive_logprobs(h, w, t), "ours": lambda h, w, t, ref: ours(h, w, t)}
+    out = {"naive": lambda h, w, t, ref: dpo_from_tokens(naive_logprobs(h, w, t), ref),
+           "ours": lambda h, w, t, ref: dpo_from_tokens(ours(h, w, t), ref),
+           "fused": lambda h, w, t, ref: fused_dpo(h, w, t, ref, impl)}
     liger = liger_fn() if device == "cuda" else None
     if liger is not None:
-        out["liger"] = liger
+        out["liger"] = lambda h, w, t, ref: liger(h, w, t)
     return out
 
 
@@ -59,20 +91,19 @@ def make_inputs(n, h, v, dtype, device, seed=0):
     hidden = torch.randn(n, h, generator=gen, device=device, dtype=dtype).requires_grad_()
     weight = (torch.randn(v, h, generator=gen, device=device, dtype=dtype) / h ** 0.5).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen, device=device)
-    upstream = torch.randn(n, generator=gen, device=device)
-    return hidden, weight, targets, upstream
+    ref = -torch.rand(max(2, n // SEQ_LEN), generator=gen, device=device) * SEQ_LEN * 10
+    return hidden, weight, targets, ref
 
 
-def fwd_bwd(fn, hidden, weight, targets, upstream):
+def fwd_bwd(fn, hidden, weight, targets, ref):
     hidden.grad = weight.grad = None
-    out = fn(hidden, weight, targets)
-    (out * upstream).sum().backward() if out.dim() else out.backward()
+    fn(hidden, weight, targets, ref).backward()
 
 
-def fwd_only(fn, hidden, weight, targets, upstream):
+def fwd_only(fn, hidden, weight, targets, ref):
     """The reference-model pass of DPO: no autograd graph at all."""
     with torch.no_grad():
-        fn(hidden, weight, targets)
+        fn(hidden, weight, targets, ref)
 
 
 def time_cuda(fn, inputs, repeats, step=fwd_bwd):
@@ -104,9 +135,7 @@ def bench_cuda(shapes, repeats, step=fwd_bwd):
     for n, h, v in shapes:
         inputs = make_inputs(n, h, v, torch.bfloat16, "cuda")
         row = {"shape": (n, h, v), "dtype": "bf16"}
-        for name, fn in methods("cuda").items():
-            if name == "liger" and step is fwd_only:
-                continue  # liger's op computes its gradients inside forward; no forward-only mode
+        for name, fn in methods("cuda", forward_only=step is fwd_only).items():
             try:
                 row[name] = (time_cuda(fn, inputs, repeats, step), peak_cuda(fn, inputs, step))
             except torch.cuda.OutOfMemoryError:
@@ -125,7 +154,7 @@ def _rss_bytes():
 def cpu_peak_child(name, n, h, v):
     """Runs in a fresh process: peak RSS growth of one fwd+bwd of `name`."""
     fn = methods("cpu")[name]
-    fwd_bwd(fn, *make_inputs(8, 8, 64, torch.float32, "cpu"))  # page in torch's code paths first
+    fwd_bwd(fn, *make_inputs(2 * SEQ_LEN, 8, 64, torch.float32, "cpu"))  # page in torch's code paths first
     inputs = make_inputs(n, h, v, torch.float32, "cpu")
     base = _rss_bytes()
     fwd_bwd(fn, *inputs)
@@ -157,8 +186,8 @@ def bench_cpu(shapes, repeats):
     return rows
 
 
-def print_table(rows, device, what="fwd+bwd"):
-    others = [name for name in ("ours", "liger") if any(name in row for row in rows)]
+def print_table(rows, device, what="DPO loss fwd+bwd"):
+    others = [name for name in ("ours", "fused", "liger") if any(name in row for row in rows)]
     head = "| N, H, V | dtype | naive ms | naive peak MiB |"
     for name in others:
         head += f" {name} ms | {name} peak MiB | {name} time / naive | {name} peak / naive |"

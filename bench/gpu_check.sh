@@ -24,10 +24,11 @@ step() {  # name, time limit (s), command...
 }
 
 step kernel_tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_linear_logprobs.py \
+  tests/test_kernels_sequence_objective.py \
   tests/test_kernels_dpo_loss.py tests/test_paged_attention_kernel.py
 step bench_dpo_logprobs 150 $py bench/dpo_logprobs.py --device cuda
 step bench_sampler 150 $py bench/sampler.py --device cuda
-step bench_train_step 120 $py bench/train_step.py --device cuda
+step bench_train_step 150 $py bench/train_step.py --device cuda
 
 echo
 echo "================ GPU check summary ($(( $(date +%s) - t0 ))s) ================"

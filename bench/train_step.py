@@ -7,7 +7,9 @@
 The GPU path runs without DeepSpeed (the GPU box has none): the engine's TorchRunner (bf16 weights,
 fp32 master + AdamW, fp32 gradient accumulation) with exactly the trainer's loss code. Every speed is
 reported next to a baseline measured in the same run: the same step with full [tokens, V] logits and
-log_softmax instead of the fused log-prob op.
+log_softmax. Loss paths: "fused objective" (kernels.sequence_objective, the trainer's default: logits
+once, gradients in forward), "log-prob op" (kernels.sequence_logprobs + autograd: the backward recomputes
+the logits), "full-logits baseline".
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from engine.config import TrainConfig  # noqa: E402
 from engine.data import PreferencePair, SFTExample, collate_pairs, collate_sft  # noqa: E402
 from engine.distributed import init_distributed  # noqa: E402
 from engine.metrics import format_mfu, mfu, peak_flops  # noqa: E402
-from engine.steps import dpo_objective, sft_objective  # noqa: E402
+from engine.steps import dpo_chunk_objective, dpo_objective, sft_chunk_objective, sft_objective  # noqa: E402
 from model.config import LlamaConfig, preset  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.weight_loading import CheckpointReader  # noqa: E402
@@ -73,22 +75,24 @@ def naive_logps(model, b):
     return token.sum(1), b["mask"].sum(1).float()
 
 
-def time_steps(runner, kind, batches, cfg, steps, warmup, fused=True):
+def time_steps(runner, kind, batches, cfg, steps, warmup, path="fused objective"):
     """Seconds per optimizer step and tokens per step (real tokens)."""
     global_tokens = sum(b["num_tokens"] for b in batches)
     pairs = cfg.global_batch
 
     def one_step():
         for b in batches:
-            if fused:
-                logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"])
+            inputs = (b["input_ids"], b["targets"], b["mask"])
+            args = (b.get("ref_logps"), b.get("num_pairs"), pairs, cfg, cfg.kernel_impl)
+            if path == "fused objective":
+                chunk = ((sft_chunk_objective(global_tokens), None) if kind == "sft"
+                         else dpo_chunk_objective(*args))
+                objective = runner.forward(*inputs, *chunk)[0]
             else:
-                logp_sum, count = naive_logps(runner.module.model, b)
-            if kind == "sft":
-                objective, _ = sft_objective(logp_sum, global_tokens)
-            else:
-                objective, _ = dpo_objective(logp_sum, count, b["ref_logps"], b["num_pairs"], pairs, cfg,
-                                             cfg.kernel_impl)
+                logp_sum, count = (runner.forward(*inputs) if path == "log-prob op"
+                                   else naive_logps(runner.module.model, b))
+                objective = (sft_objective(logp_sum, global_tokens) if kind == "sft"
+                             else dpo_objective(logp_sum, count, *args))[0]
             runner.backward(objective)
             runner.step()
 
@@ -118,12 +122,12 @@ def bench_steps(device: str, config: LlamaConfig, cfg: TrainConfig, seq_len: int
                                                           global_batch=max(1, cfg.global_batch // 2))
         batches = make_batches(kind, kind_cfg, config.vocab_size, seq_len, prompt_len, dist.device,
                                8 if device == "cuda" else 1)
-        variants = [("fused", True)] + ([("full-logits baseline", False)] if baseline else [])
-        for name, fused in variants:
+        variants = ["fused objective", "log-prob op"] + (["full-logits baseline"] if baseline else [])
+        for name in variants:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                dt, tokens = time_steps(runner, kind, batches, kind_cfg, steps, warmup, fused)
+                dt, tokens = time_steps(runner, kind, batches, kind_cfg, steps, warmup, name)
             except torch.OutOfMemoryError:
                 rows.append(dict(kind=kind, variant=name, error="out of memory"))
                 torch.cuda.empty_cache()

@@ -61,6 +61,9 @@ class TrainConfig:
     ds_config_override: str | None = None  # path to a DeepSpeed JSON merged over the derived config
     gradient_checkpointing: bool = False
     kernel_impl: str = "auto"  # kernels impl: auto | torch | triton
+    # SFT/DPO objective through kernels.sequence_objective (logits once, gradients in forward: 3 lm_head
+    # matmuls instead of 4); false = sequence_logprobs + autograd (the backward recomputes the logits).
+    fused_objective: bool = True
     compile: bool = False  # torch.compile each decoder layer (GPU)
 
     def replace(self, **changes) -> "TrainConfig":

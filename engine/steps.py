@@ -24,7 +24,9 @@ DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 
 
 class PolicyLoss(nn.Module):
-    """forward(input_ids, targets, mask) -> (sum of target log-probs [B], count of target tokens [B])."""
+    """forward(input_ids, targets, mask) -> (sum of target log-probs [B], count of target tokens [B]);
+    forward(..., objective, groups) -> (objective value, sums [B], counts [B]) through the fused op
+    (kernels/sequence_objective.py: logits once, gradients computed in forward)."""
 
     def __init__(self, model: Llama, kernel_impl: str = "auto", autocast_dtype: torch.dtype | None = None):
         super().__init__()
@@ -33,7 +35,8 @@ class PolicyLoss(nn.Module):
         self.autocast_dtype = autocast_dtype  # set when fp32 master weights run under autocast
         register_output_weight(self, model)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                objective: kernels.Objective | None = None, groups: list[list[int]] | None = None):
         # Right-padded batches need no attention mask (see engine/data.py), keeping the causal fast path.
         hidden = self.model(input_ids, return_hidden=True)
         weight = self.model.output_weight
@@ -41,6 +44,9 @@ class PolicyLoss(nn.Module):
             hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
         elif hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
+        if objective is not None:
+            fused = kernels.sequence_objective(hidden, weight, targets, mask, objective, groups, impl=self.kernel_impl)
+            return fused.value, fused.sum, fused.count
         out = kernels.sequence_logprobs(hidden, weight, targets, mask, impl=self.kernel_impl)
         return out.sum, out.count
 
@@ -49,6 +55,27 @@ def sft_objective(logp_sum: torch.Tensor, global_tokens: int) -> tuple[torch.Ten
     """(objective share, stats [loss share]) for one micro-batch; global_tokens counts all ranks."""
     objective = -logp_sum.sum() / max(global_tokens, 1)
     return objective, objective.detach().reshape(1)
+
+
+def sft_chunk_objective(global_tokens: int) -> kernels.Objective:
+    """sft_objective as the fused op's per-chunk callable (every sequence is its own group)."""
+    return lambda logp_sum, count, rows: -logp_sum.sum() / max(global_tokens, 1)
+
+
+def dpo_chunk_objective(ref_logps: torch.Tensor, num_pairs: int, global_pairs: int, cfg: TrainConfig,
+                        impl: str) -> tuple[kernels.Objective, list[list[int]]]:
+    """dpo_objective as the fused op's per-chunk callable and its groups (pair i = rows i and i + B)."""
+    def objective(logp_sum, count, rows):
+        chosen, rejected = logp_sum[0::2], logp_sum[1::2]
+        ref = ref_logps.to(logp_sum.device, logp_sum.dtype)
+        loss, _ = kernels.dpo_loss(chosen, rejected, ref[rows[0::2]], ref[rows[1::2]], beta=cfg.beta,
+                                   loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, impl=impl)
+        value = loss * (chosen.numel() / global_pairs)  # dpo_loss is the mean over this chunk's pairs
+        if cfg.nll_weight:
+            value = value - cfg.nll_weight * (chosen / count[0::2].clamp(min=1)).sum() / global_pairs
+        return value
+
+    return objective, [[i, i + num_pairs] for i in range(num_pairs)]
 
 
 def dpo_objective(logp_sum: torch.Tensor, count: torch.Tensor, ref_logps: torch.Tensor, num_pairs: int,

@@ -28,7 +28,7 @@ from .data import (PreferencePair, SFTExample, collate_pairs, collate_sft, epoch
 from .distributed import Dist, barrier, deepspeed_available, init_distributed, log, seed_everything
 from .metrics import Throughput, format_mfu, mfu
 from .runners import DeepSpeedRunner, TorchRunner
-from .steps import DPO_STATS, SFT_STATS, dpo_objective, sft_objective
+from .steps import DPO_STATS, SFT_STATS, dpo_chunk_objective, dpo_objective, sft_chunk_objective, sft_objective
 from .zero3 import open_init
 
 
@@ -200,13 +200,24 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
             items = [data[i] for i in micro]
             if kind == "sft":
                 b = collate_sft(items, **collate)
-                logp_sum, _ = runner.forward(b["input_ids"], b["targets"], b["mask"])
-                objective, stats = sft_objective(logp_sum, global_targets)
+                if cfg.fused_objective:
+                    objective, _, _ = runner.forward(b["input_ids"], b["targets"], b["mask"],
+                                                     sft_chunk_objective(global_targets))
+                    stats = objective.detach().float().reshape(1).cpu()
+                else:
+                    logp_sum, _ = runner.forward(b["input_ids"], b["targets"], b["mask"])
+                    objective, stats = sft_objective(logp_sum, global_targets)
             else:
                 b = collate_pairs(items, **collate)
-                logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"])
-                objective, stats = dpo_objective(logp_sum, count, b["ref_logps"], len(items), cfg.global_batch,
-                                                 cfg, cfg.kernel_impl)
+                args = (b["ref_logps"], len(items), cfg.global_batch, cfg, cfg.kernel_impl)
+                if cfg.fused_objective:
+                    objective, logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"],
+                                                                *dpo_chunk_objective(*args))
+                    with torch.no_grad():  # the logged stats, from the same (detached) sequence sums
+                        _, stats = dpo_objective(logp_sum, count, *args)
+                else:
+                    logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"])
+                    objective, stats = dpo_objective(logp_sum, count, *args)
             runner.backward(objective)
             runner.step()
             step_stats = stats if step_stats is None else step_stats + stats

@@ -161,6 +161,23 @@ def test_reference_logprobs_and_first_dpo_step(m0, pairs, tmp_path):
     assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and m["nll"] == pytest.approx(nll, abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_fused_objective_trains_like_the_unfused_path(kind, m0, examples, pairs, tmp_path):
+    # Same losses, stats and final weights whether the objective's gradients come from the fused op
+    # (computed in forward, 3 lm_head matmuls) or from sequence_logprobs + autograd (4).
+    cfg = CFG.replace(epochs=2, max_steps=3, nll_weight=0.3, loss_type="ipo")
+    data = compute_reference_logprobs(m0, pairs, cfg) if kind == "dpo" else examples
+    run = train_dpo if kind == "dpo" else train_sft
+    fused = run(m0, data, cfg.replace(fused_objective=True), tmp_path / "fused")
+    plain = run(m0, data, cfg.replace(fused_objective=False), tmp_path / "plain")
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-6) and len(fused.losses) == 3
+    for a, b in zip(fused.metrics, plain.metrics):
+        assert {k: v for k, v in a.items() if k not in ("tokens_per_s", "mfu")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("tokens_per_s", "mfu")}, rel=1e-6, abs=1e-6)
+    got, want = load_pretrained(tmp_path / "fused").state_dict(), load_pretrained(tmp_path / "plain").state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+
+
 # --- config errors --------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, key", [(dict(global_batch=10, micro_batch=4), "global_batch"),
                                          (dict(loss_type="kto"), "loss_type"),
