@@ -35,7 +35,7 @@ from kernels.sequence_objective import sequence_objective  # noqa: E402
 
 GPU_SHAPES = [(4096, 2048, 32000), (16384, 4096, 128256)]
 CPU_SHAPES = [(1024, 256, 32000), (2048, 512, 32000)]
-SEQ_LEN = 256  # tokens per sequence: N / 256 sequences, N / 512 pairs
+SEQ_LEN = 256  # tokens per sequence (--seq-len): N / 256 sequences, N / 512 pairs
 BETA = 0.1
 
 
@@ -179,7 +179,8 @@ def bench_cpu(shapes, repeats):
                 fwd_bwd(fn, *inputs)
                 times[name].append(time.perf_counter() - start)
         for name in fns:
-            child = subprocess.run([sys.executable, __file__, "--peak-child", name, str(n), str(h), str(v)],
+            child = subprocess.run([sys.executable, __file__, "--peak-child", name, str(n), str(h), str(v),
+                                    str(SEQ_LEN)],
                                    capture_output=True, text=True, check=True)
             row[name] = (statistics.median(times[name]), json.loads(child.stdout.strip().splitlines()[-1])["peak"])
         rows.append(row)
@@ -191,7 +192,7 @@ def print_table(rows, device, what="DPO loss fwd+bwd"):
     head = "| N, H, V | dtype | naive ms | naive peak MiB |"
     for name in others:
         head += f" {name} ms | {name} peak MiB | {name} time / naive | {name} peak / naive |"
-    print(f"\nlinear_logprobs {what} on {device} "
+    print(f"\nlinear_logprobs {what} on {device}, {SEQ_LEN}-token sequences "
           f"({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'})")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -210,13 +211,18 @@ def print_table(rows, device, what="DPO loss fwd+bwd"):
 
 
 def main():
+    global SEQ_LEN
     if len(sys.argv) > 1 and sys.argv[1] == "--peak-child":
+        SEQ_LEN = int(sys.argv[6])
         cpu_peak_child(sys.argv[2], *map(int, sys.argv[3:6]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per method (default 5 cuda, 3 cpu)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per sequence (N must be a multiple "
+                        "of 2 x seq-len)")
     args = parser.parse_args()
+    SEQ_LEN = args.seq_len
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("bench/dpo_logprobs.py: --device cuda but torch sees no GPU")
