@@ -55,6 +55,10 @@ class DataConfig:
     eft_cap_ratio: float = 1.0  # most common EFT score capped at this x the second most common's count
     world: dict = field(default_factory=dict)  # WorldConfig fields, for source = "world"
     world_cache_dir: str = ".cache/world"  # pretrained world M0s, keyed by world config hash (shared by runs)
+    # World only: per EFT-train instruction, this many responses sampled from the SFT baseline and labelled
+    # by the world's grader (the human stand-in) join the EFT training data, so the judge learns the model's
+    # own kinds of errors, not only synthetic corruptions. 0 = synthetic EFT only. Eval EFT stays synthetic.
+    eft_own_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,10 @@ class LoopConfig:
             bad("model.init", "must be a checkpoint path when data.source = oasst")
         if not 0.0 <= self.data.eft_eval_fraction < 1.0:
             bad("data.eft_eval_fraction", "must be in [0, 1)")
+        if self.data.eft_own_samples < 0:
+            bad("data.eft_own_samples", "must be >= 0")
+        if self.data.eft_own_samples and self.data.source != "world":
+            bad("data.eft_own_samples", "needs data.source = world (its grader labels the samples)")
         for key in ("prompts.num_prompts", "responses.n", "judge.k", "prompts.max_new_tokens",
                     "responses.max_new_tokens", "judge.max_new_tokens", "eval.max_new_tokens", "eval.judge_k"):
             section, name = key.split(".")

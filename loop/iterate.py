@@ -130,6 +130,8 @@ class Loop:
     def seed_path(self, name: str) -> Path:
         if name in ("eft_train", "eft_eval") and self.cfg.data.source == "oasst":
             return self.run_dir / "eft" / f"{name}.jsonl"
+        if name == "eft_train" and self.cfg.data.eft_own_samples:
+            return self.run_dir / "eft" / "eft_train.jsonl"
         return self.run_dir / "seed" / f"{name}.jsonl"
 
     def judge_template(self) -> str:
@@ -174,6 +176,19 @@ class Loop:
                                                seed=self.cfg.run.seed, cap_ratio=self.cfg.data.eft_cap_ratio)
             write_jsonl(work / "eft_train.jsonl", train)
             write_jsonl(work / "eft_eval.jsonl", evals)
+        st.finish(summary)
+
+    def build_eft_own(self) -> None:
+        """World: the SFT baseline answers the EFT-train instructions; the grader labels its answers."""
+        from loop.world.eft_own import own_eft_records
+
+        st = self.stage("eft")
+        if st.done:
+            return
+        work = st.begin()
+        summary = own_eft_records(self.sampler(self.model_dir("sft_baseline")), self.tok, self.dist, self.cfg,
+                                  seed_eft=self.run_dir / "seed" / "eft_train.jsonl", grade=self.world.grade,
+                                  work=work)
         st.finish(summary)
 
     # --- one AIFT iteration -----------------------------------------------------------------
@@ -255,11 +270,13 @@ class Loop:
     def run(self) -> None:
         cfg = self.cfg
         self.prepare()
-        need_baseline = cfg.eval.sft_baseline or cfg.data.source == "oasst"
+        need_baseline = cfg.eval.sft_baseline or cfg.data.source == "oasst" or cfg.data.eft_own_samples > 0
         if need_baseline:
             self.train_sft("sft_baseline", with_eft=False)
         if cfg.data.source == "oasst":
             self.build_eft()
+        elif cfg.data.eft_own_samples:
+            self.build_eft_own()
         if cfg.eval.sft_baseline:
             self.evaluate("sft_baseline")
         self.train_sft("M1", with_eft=True)

@@ -39,6 +39,7 @@ def test_overrides_and_types():
     ("sft.global_batch=7", "sft.global_batch=7 is not divisible"),
     ("judge.template=/nonexistent.txt", "judge.template is '/nonexistent.txt': not"),
     ("seed", "is not key=value"),
+    ("data.eft_own_samples=-1", "data.eft_own_samples must be >= 0"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(LoopConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -24,7 +24,7 @@ WORLD = ("data.world={n_ift: 32, n_eft_train: 8, n_eft_eval: 3, n_eval_prompts: 
          "pretrain_steps: 4, pretrain_batch: 4, pretrain_seq_len: 128, tokenizer_vocab_size: 512, "
          "model_overrides: {dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, ffn_dim: 64, max_seq_len: 384}}")
 OVERRIDES = [
-    WORLD, "run.iterations=1", "run.chunk_size=4",
+    WORLD, "run.iterations=1", "run.chunk_size=4", "data.eft_own_samples=2",
     "prompts.num_prompts=12", "prompts.attempts_factor=1.5", "prompts.world_filter=false", "prompts.min_words=1",
     "prompts.max_words=200", "prompts.rouge_threshold=1.0", "prompts.max_new_tokens=16",
     "responses.max_new_tokens=12", "judge.mode=expected", "judge.max_new_tokens=12", "eval.max_new_tokens=8",
@@ -88,6 +88,21 @@ def test_full_run_produces_every_artifact(runs):
         assert (run / "models" / name / "config.json").exists(), name
     for f in ("ift", "eft_train", "eft_eval", "eval_prompts"):
         assert read_jsonl(run / "seed" / f"{f}.jsonl")
+    # EFT from the SFT baseline's own answers: the seed's synthetic groups first, then one graded group per
+    # instruction whose judgments are exactly the grader's.
+    from loop.world.grader import grade
+
+    fields = ("id", "group_id", "prompt", "response", "rank", "judgment", "score")
+    synthetic = read_jsonl(run / "seed" / "eft_train.jsonl", fields)
+    eft = read_jsonl(run / "eft" / "eft_train.jsonl", fields)
+    own = eft[len(synthetic):]
+    assert eft[:len(synthetic)] == synthetic and own and len({r["id"] for r in eft}) == len(eft)
+    assert {r["group_id"] for r in own} <= {g["group_id"] + "-own" for g in synthetic}
+    for r in own:
+        g = grade(r["prompt"], r["response"])
+        assert (r["score"], r["judgment"]) == (g.score, g.justification)
+    samples = read_jsonl(run / "eft" / "samples.jsonl", ("id", "group_id", "text"))
+    assert len(samples) == 2 * len({r["group_id"] for r in synthetic})
     it = run / "iter_1"
     prompts = read_jsonl(it / "1_prompts" / "prompts.jsonl", ("id", "prompt"))
     responses = read_jsonl(it / "2_responses" / "responses.jsonl", ("id", "prompt_id", "sample_index", "text"))
