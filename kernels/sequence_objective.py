@@ -145,6 +145,14 @@ def _plan(valid: torch.Tensor, groups: Sequence[Sequence[int]], budget_rows: int
 class FusedSequenceObjective(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, valid, objective, groups, impl, budget_rows):
+        # The dtypes below are chosen on purpose (fp32 blocks on CPU, input-dtype cuBLAS on GPU): an outer
+        # autocast region must not re-cast the matmuls.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return FusedSequenceObjective._forward(ctx, hidden, weight, targets, valid, objective, groups, impl,
+                                                   budget_rows)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, valid, objective, groups, impl, budget_rows):
         batch, length, dim = hidden.shape
         device = hidden.device
         flat_hidden = hidden.reshape(batch * length, dim)
