@@ -43,9 +43,10 @@ def _row_stats_kernel(x_ptr, stride, targets_ptr, max_ptr, log_sum_ptr, target_p
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(base + v0 + cols, mask=(v0 + cols) < V, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(run_max, x)
-        # A lane that has seen only padding keeps max -inf: guard its (-inf) - (-inf) = NaN.
-        seen = new_max > float("-inf")
-        run_sum = tl.where(seen, run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max), 0.0)
+        # A lane that has seen only padding keeps max -inf; shifting it by 0 instead keeps (-inf) - (-inf)
+        # = NaN out of the arithmetic (its sum stays exp(-inf) = 0).
+        shift = tl.where(new_max > float("-inf"), new_max, 0.0)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
         run_max = new_max
     row_max = tl.max(run_max, axis=0)
     total = tl.sum(tl.where(run_max > float("-inf"), run_sum * tl.exp(run_max - row_max), 0.0), axis=0)
@@ -172,8 +173,8 @@ class FusedSequenceObjective(torch.autograd.Function):
         count = valid.sum(dim=1).to(acc)
         value = torch.zeros((), dtype=acc, device=device)
         plans = _plan(valid, groups, budget_rows)
-        block_rows = min(budget_rows, max((p.tokens.numel() for p in plans), default=1))
-        buffer = torch.empty(max(block_rows, 1), weight.shape[0], dtype=cdtype, device=device)
+        block_rows = max(1, min(budget_rows, max((p.tokens.numel() for p in plans), default=1)))
+        buffer = torch.empty(block_rows, weight.shape[0], dtype=cdtype, device=device)
         for plan in plans:
             num = plan.tokens.numel()
             spans = [(s, min(s + block_rows, num)) for s in range(0, num, block_rows)] or [(0, 0)]

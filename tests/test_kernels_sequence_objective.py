@@ -166,3 +166,18 @@ def test_bad_groups_and_shapes_are_one_line_errors():
     bad[0, 0], mask[0, 0] = 33, True
     with pytest.raises(ValueError, match="target id 33"):
         sequence_objective(hidden, weight, bad, mask, fn)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_groups_without_tokens(impl):
+    # A pair with no response tokens at all: its objective term still counts (sums are 0), and it gets no
+    # gradient; the other pair is unaffected.
+    pairs = 2
+    hidden, weight, targets, mask, ref = make_batch(pairs, 6, 8, 33, torch.float32, seed=6)
+    mask[0], mask[pairs] = False, False
+    check(hidden, weight, targets, mask, dpo_objective(ref, pairs), pair_groups(pairs), impl)
+    mask[:] = False
+    out = sequence_objective(hidden, weight, targets, mask, dpo_objective(ref, pairs), pair_groups(pairs), impl=impl)
+    assert (out.count == 0).all() and (out.sum == 0).all()
+    grad_h, grad_w = torch.autograd.grad(out.value, (hidden, weight))
+    assert (grad_h == 0).all() and (grad_w == 0).all()
