@@ -26,6 +26,8 @@ step() {  # name, time limit (s), command...
 step kernel_tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_linear_logprobs.py \
   tests/test_kernels_sequence_objective.py \
   tests/test_kernels_dpo_loss.py tests/test_paged_attention_kernel.py
+# The sampler's CUDA path (Triton decode kernel + CUDA graphs) against a no-cache greedy reference.
+step sampler_cuda_test 90 $py -m pytest -q -p no:cacheprovider tests/test_sampler.py -k cuda
 step bench_dpo_logprobs 150 $py bench/dpo_logprobs.py --device cuda
 step bench_sampler 150 $py bench/sampler.py --device cuda
 step bench_train_step 150 $py bench/train_step.py --device cuda
@@ -35,6 +37,7 @@ echo "================ GPU check summary ($(( $(date +%s) - t0 ))s) ============
 cat "$out/env.txt"
 cat "$out/status.txt"
 grep -h -E "passed|failed|error" "$out/kernel_tests.log" | tail -n 2
+grep -h -E "passed|failed|error" "$out/sampler_cuda_test.log" | tail -n 2
 for f in bench_dpo_logprobs bench_sampler bench_train_step; do
   echo "--- $f"; grep -E "^\|" "$out/$f.log" || tail -n 5 "$out/$f.log"
 done
