@@ -24,3 +24,12 @@ def resolve_impl(impl: str, device: torch.device, kernel, where: str) -> str:
     if impl == "triton" and device.type == "cuda" and is_interpreted(kernel):
         raise ValueError(f"{where}: impl='triton' on cuda but TRITON_INTERPRET=1 is set; unset it for real kernels")
     return impl
+
+
+def check_lm_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, impl: str, where: str) -> None:
+    """The dtype rules shared by the lm_head ops, after `impl` is resolved."""
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise ValueError(f"{where}: hidden and weight must share one float dtype, got {hidden.dtype} and "
+                         f"{weight.dtype}")
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise ValueError(f"{where}: impl='triton' takes fp32/bf16/fp16; use impl='torch' for float64")

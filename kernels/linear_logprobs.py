@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.impl import is_interpreted, resolve_impl
+from kernels.impl import check_lm_head_inputs, is_interpreted, resolve_impl
 from kernels.linear_logprobs_ref import linear_logprobs_torch
 
 _WHERE = "kernels/linear_logprobs.py"
@@ -197,9 +197,6 @@ def _check_inputs(hidden, weight, targets, mask):
                          f"{targets.dtype} {tuple(targets.shape)}")
     if mask is not None and mask.shape != targets.shape:
         raise ValueError(f"{_WHERE}: mask must be [N={hidden.shape[0]}], got {tuple(mask.shape)}")
-    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(f"{_WHERE}: hidden and weight must share one float dtype, got {hidden.dtype} and "
-                         f"{weight.dtype}")
 
 
 def prepare_targets(targets, vocab, mask=None, ignore_index=-100):
@@ -230,8 +227,7 @@ def linear_logprobs(hidden, weight, targets, *, mask=None, ignore_index=-100, im
     """
     _check_inputs(hidden, weight, targets, mask)
     impl = resolve_impl(impl, hidden.device, _lse_fwd_kernel, _WHERE)
-    if impl == "triton" and hidden.dtype == torch.float64:
-        raise ValueError(f"{_WHERE}: impl='triton' takes fp32/bf16/fp16; use impl='torch' for float64")
+    check_lm_head_inputs(hidden, weight, impl, _WHERE)
     safe_targets, valid = prepare_targets(targets, weight.shape[0], mask, ignore_index)
     num_valid = int(valid.sum())
     if 0 < num_valid < valid.numel():

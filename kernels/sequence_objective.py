@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.impl import is_interpreted, resolve_impl
+from kernels.impl import check_lm_head_inputs, is_interpreted, resolve_impl
 from kernels.linear_logprobs import prepare_targets
 
 _WHERE = "kernels/sequence_objective.py"
@@ -272,17 +272,13 @@ def sequence_objective(hidden, weight, targets, mask, objective: Objective,
                          f"{tuple(hidden.shape)}, {tuple(targets.shape)}, {tuple(weight.shape)}")
     if mask is not None and mask.shape != targets.shape:
         raise ValueError(f"{_WHERE}: mask must be [B, T]={tuple(targets.shape)}, got {tuple(mask.shape)}")
-    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(f"{_WHERE}: hidden and weight must share one float dtype, got {hidden.dtype} and "
-                         f"{weight.dtype}")
     batch = hidden.shape[0]
     groups = [[b] for b in range(batch)] if groups is None else [list(g) for g in groups]
     seen = sorted(r for g in groups for r in g)
     if seen != list(range(batch)):
         raise ValueError(f"{_WHERE}: groups must cover rows 0..{batch - 1} exactly once, got {groups}")
     impl = resolve_impl(impl, hidden.device, _row_stats_kernel, _WHERE)
-    if impl == "triton" and hidden.dtype == torch.float64:
-        raise ValueError(f"{_WHERE}: impl='triton' takes fp32/bf16/fp16; use impl='torch' for float64")
+    check_lm_head_inputs(hidden, weight, impl, _WHERE)
     vocab = weight.shape[0]
     flat_mask = None if mask is None else mask.reshape(-1)
     safe, valid = prepare_targets(targets.reshape(-1), vocab, flat_mask, ignore_index)
