@@ -22,7 +22,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "accelerate", "hypothesis"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "accelerate", "hypothesis", "tensorboard", "wandb"],
+        "log": ["tensorboard", "wandb"],  # run.log_to: [tensorboard, wandb]
         "gpu": ["flash-attn"],
     },
 )

@@ -18,6 +18,7 @@ import torch
 from model.checkpoint import save_state_dict
 from model.config import LlamaConfig
 from model.hf_format import CONFIG_FILE, INDEX_FILE
+from model.meta_format import PARAMS_FILE
 
 from .config import TrainConfig
 
@@ -42,18 +43,29 @@ def check_resumable(client_state: dict, fingerprint: str, ckpt_dir: Path) -> Non
 
 
 def _is_weights_or_config(path: Path) -> bool:
-    return path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") or path.name in (CONFIG_FILE, INDEX_FILE)
+    return (path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+            or path.name in (CONFIG_FILE, INDEX_FILE, PARAMS_FILE))
+
+
+def _embedded_tokenizer(gguf_file: Path):
+    """The tokenizer a .gguf init embeds (None without one), so the HF export is self-contained."""
+    from model.gguf_format import open_gguf
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(gguf_file) if "tokenizer.ggml.tokens" in open_gguf(gguf_file).fields else None
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], config: LlamaConfig, init_dir: str | Path,
               out_dir: str | Path) -> Path:
-    """Write the HF checkpoint plus every other file of init_dir (tokenizer, chat template, ...)."""
+    """Write the HF checkpoint plus every other file of init_dir (tokenizer, chat template, ...); an init
+    that is one .gguf file contributes the tokenizer it embeds."""
     out_dir, init_dir = Path(out_dir), Path(init_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
-        model_dir = save_state_dict(state_dict, config, staging / "model")
-        for f in sorted(init_dir.iterdir()):
+        tokenizer = _embedded_tokenizer(init_dir) if init_dir.is_file() and init_dir.suffix == ".gguf" else None
+        model_dir = save_state_dict(state_dict, config, staging / "model", tokenizer_dir=tokenizer)
+        for f in sorted(init_dir.iterdir()) if init_dir.is_dir() else []:
             if f.is_file() and not f.name.startswith(".") and not _is_weights_or_config(f):
                 shutil.copyfile(f, model_dir / f.name)
         if out_dir.exists():  # os.replace cannot land on a non-empty directory: move the old one aside

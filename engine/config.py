@@ -26,40 +26,40 @@ class TrainConfigError(ConfigError):
 class TrainConfig:
     lr: float = 5.5e-6  # peak learning rate
     min_lr: float = 1.1e-6  # floor of the cosine decay
-    warmup_steps: int = 0
-    epochs: int = 1
+    warmup_steps: int = 0  # linear warmup to lr over this many optimizer steps
+    epochs: int = 1  # passes over the data
     max_steps: int = 0  # 0 = run the epochs; otherwise stop (and end the schedule) here
     global_batch: int = 16  # sequences (SFT) or pairs (DPO) per optimizer step, all ranks together
     micro_batch: int = 4  # per rank per forward; gradient accumulation makes up the rest
     grad_clip: float = 1.0  # 0 = off
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    zero_stage: int = 3
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only, not norm gains)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    zero_stage: int = 3  # DeepSpeed ZeRO stage 0-3 (3: parameters, gradients and optimizer state sharded)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state (and step) on the CPU
     # ZeRO-3 keeps params below this many elements whole on every rank. 0 shards everything (the
     # honest memory split; DeepSpeed's 1e5 default trades memory for fewer all-gathers on big models).
     param_persistence_threshold: int = 0
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     dropout: float = 0.1  # overrides the model config's residual dropout for training
-    seed: int = 0
+    seed: int = 0  # data order and dropout (per rank)
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints; 0 = none
     keep_checkpoints: bool = False  # keep out_dir.ckpt after a successful export
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between log lines (and host syncs of the losses)
     # DPO
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    beta: float = 0.1  # DPO: strength of the KL anchor to the reference model
+    loss_type: str = "sigmoid"  # DPO loss: sigmoid (the paper) | ipo | hinge | robust
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels
     nll_weight: float = 0.0  # RPO: + nll_weight * mean per-token NLL of the chosen response
     # data
     max_seq_len: int = 0  # 0 = the model's max_seq_len; longer examples are cut on the right
     pad_to_multiple: int = 0  # 0 = auto: 8 on CUDA (tensor-core shapes), 1 on CPU
-    length_grouped: bool = True
+    length_grouped: bool = True  # batch examples of similar length together (less padding)
     ref_micro_batch: int = 0  # batch of the reference log-prob pass; 0 = 2 x micro_batch
     # engine
     backend: str = "auto"  # auto: DeepSpeed when several ranks (or offload), plain torch in one process
     ds_config_override: str | None = None  # path to a DeepSpeed JSON merged over the derived config
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (memory for time)
     kernel_impl: str = "auto"  # kernels impl: auto | torch | triton
     # SFT/DPO objective through kernels.sequence_objective (logits once, gradients in forward: 3 lm_head
     # matmuls instead of 4); false = sequence_logprobs + autograd (the backward recomputes the logits).
@@ -81,6 +81,21 @@ class TrainConfig:
         if "adam_betas" in d:
             d["adam_betas"] = tuple(d["adam_betas"])
         return cls(**d)
+
+    def for_world(self, world_size: int) -> "TrainConfig":
+        """This config on `world_size` ranks: micro_batch lowered to the largest size that divides
+        global_batch / world_size, so a config that runs on one rank runs on N with the same global
+        batch (the gradient is the same sum over the same examples, in other micro-batches)."""
+        if world_size < 1 or self.global_batch <= 0 or self.micro_batch <= 0:
+            return self
+        if self.global_batch % self.micro_batch:
+            return self  # does not run on one rank either: validate() names the key
+        if self.global_batch % world_size:
+            raise TrainConfigError(f"train config: global_batch={self.global_batch} cannot be split over "
+                                   f"{world_size} ranks (it must be a multiple of the world size)")
+        per_rank = self.global_batch // world_size
+        micro = max(m for m in range(1, min(self.micro_batch, per_rank) + 1) if per_rank % m == 0)
+        return self if micro == self.micro_batch else dataclasses.replace(self, micro_batch=micro)
 
     def grad_accum(self, world_size: int) -> int:
         return self.global_batch // (self.micro_batch * world_size)

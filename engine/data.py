@@ -39,6 +39,18 @@ def example_length(example) -> int:
     return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
 
 
+def fit_prompt_side(example, max_len: int):
+    """-> (example, was_cut): an example longer than max_len loses prompt tokens from the left (its
+    first token, BOS, stays), so the response, e.g. an EFT judgment's closing "Score: n", is kept whole.
+    A response that alone exceeds max_len keeps one prompt token and is cut on the right by the collator."""
+    over = example_length(example) - max_len
+    if over <= 0:
+        return example, False
+    p = example.prompt_ids
+    keep = max(1, len(p) - over)
+    return replace(example, prompt_ids=p[:1] + (p[len(p) - keep + 1:] if keep > 1 else [])), True
+
+
 def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
                   length_grouped: bool = True, group_factor: int = 32) -> list[list[int]]:
     """Indices of each global batch of this epoch (the last partial batch is dropped).

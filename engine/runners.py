@@ -10,6 +10,7 @@ master weights and AdamW state take the update, gradients accumulate in fp32.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -25,7 +26,7 @@ from .distributed import Dist
 from .ds_config import build_ds_config
 from .schedule import CosineSchedule
 from .steps import PolicyLoss
-from .zero3 import build_partitioned, gathered_state_dict
+from .zero3 import build_partitioned, each_full_parameter, gathered_state_dict
 
 LATEST = "latest"
 
@@ -135,19 +136,22 @@ class TorchRunner:
             for p in self.params:
                 p.grad = None
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor | None:
+        """-> the gradient norm (before clipping, still on the device) at an optimizer step, else None."""
         self.micro += 1
         if self.micro % self.accum:
-            return
+            return None
         trained = self.master if self.master is not None else self.params
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trained, self.grad_clip, foreach=True)
+        # max_norm=inf measures without clipping (the clip coefficient clamps to exactly 1)
+        norm = torch.nn.utils.clip_grad_norm_(trained, self.grad_clip if self.grad_clip > 0 else math.inf,
+                                              foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.master is not None:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.master)
+        return norm.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -189,6 +193,9 @@ class TorchRunner:
     def full_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", dtype, copy=True) for n, p in self.module.model.named_parameters()}
 
+    def each_full_parameter(self, visit) -> None:
+        each_full_parameter(self.module.model, visit)
+
 
 class DeepSpeedRunner:
     def __init__(self, reader: CheckpointReader, cfg: TrainConfig, dist: Dist, dtype: torch.dtype, total_steps: int,
@@ -226,8 +233,11 @@ class DeepSpeedRunner:
     def backward(self, objective: torch.Tensor) -> None:
         self.engine.backward(objective * self.scale)
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor | None:
+        """-> DeepSpeed's global gradient norm of the last optimizer step (None where it keeps none)."""
         self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm).detach().float().clone()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -262,6 +272,9 @@ class DeepSpeedRunner:
 
     def full_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         return gathered_state_dict(self.module.model, dtype, self.dist.rank)
+
+    def each_full_parameter(self, visit) -> None:
+        each_full_parameter(self.module.model, visit)
 
     def close(self) -> None:
         if hasattr(self.engine, "destroy"):

@@ -26,7 +26,10 @@ from .config import TrainConfig, TrainConfigError
 from .data import (PreferencePair, SFTExample, collate_pairs, collate_sft, epoch_batches, example_length,
                    rank_micro_batches)
 from .distributed import Dist, barrier, deepspeed_available, init_distributed, log, seed_everything
+from .handoff import HandedOff, HandoffRequest, collect
 from .metrics import Throughput, format_mfu, mfu
+from .metrics_log import StageMetrics
+from .progress import Progress
 from .runners import DeepSpeedRunner, TorchRunner
 from .steps import DPO_STATS, SFT_STATS, dpo_chunk_objective, dpo_objective, sft_chunk_objective, sft_objective
 from .zero3 import open_init
@@ -39,6 +42,8 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     tokens_per_s: float = 0.0
     mfu: float | None = None
+    handoff: HandedOff | None = None  # this rank's sampler weights, when the caller asked for them
+    micro_batch: int = 0  # the per-rank micro-batch this world size ran with
 
 
 @dataclass
@@ -68,10 +73,15 @@ def resolve_backend(cfg: TrainConfig, world_size: int) -> str:
     return backend
 
 
+def for_world(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """cfg with the per-rank micro-batch this world size needs (TrainConfig.for_world)."""
+    return cfg.for_world(world_size).validate(world_size)
+
+
 def _prepare(init_dir, cfg: TrainConfig) -> Stage:
     """Validate everything that can fail cheaply, then join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    cfg.validate(world_size)
+    cfg = for_world(cfg, world_size)
     backend = resolve_backend(cfg, world_size)
     reader = open_init(init_dir)
     file_config = reader.config
@@ -121,20 +131,27 @@ def _reduce(pending: list[torch.Tensor], dist: Dist) -> list[list[float]]:
 
 
 def train_sft(init_dir, examples: Sequence[SFTExample], cfg: TrainConfig, out_dir, *, resume: bool = True,
-              on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Supervised fine-tuning on response tokens only. on_step(step) runs after each optimizer step."""
-    return _train("sft", init_dir, list(examples), cfg, out_dir, resume, on_step)
+              on_step: Callable[[int], None] | None = None, handoff: HandoffRequest | None = None,
+              sink: StageMetrics | None = None) -> TrainResult:
+    """Supervised fine-tuning on response tokens only. on_step(step) runs after each optimizer step;
+    with handoff, the result carries this rank's sampler weights (engine/handoff.py); with sink,
+    rank 0 logs one record per optimizer step there (engine/metrics_log.py)."""
+    return _train("sft", init_dir, list(examples), cfg, out_dir, resume, on_step, handoff, sink)
 
 
 def train_dpo(init_dir, pairs: Sequence[PreferencePair], cfg: TrainConfig, out_dir, *, resume: bool = True,
-              on_step: Callable[[int], None] | None = None) -> TrainResult:
+              on_step: Callable[[int], None] | None = None, handoff: HandoffRequest | None = None,
+              sink: StageMetrics | None = None) -> TrainResult:
     """DPO (or IPO/hinge/robust; + RPO NLL) on pairs carrying precomputed reference log-probs."""
-    return _train("dpo", init_dir, list(pairs), cfg, out_dir, resume, on_step)
+    return _train("dpo", init_dir, list(pairs), cfg, out_dir, resume, on_step, handoff, sink)
 
 
-def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: bool, on_step) -> TrainResult:
+def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: bool, on_step,
+           handoff: HandoffRequest | None = None, sink: StageMetrics | None = None) -> TrainResult:
     init_dir, out_dir = Path(init_dir), Path(out_dir)
-    cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    configured = cfg.micro_batch
+    cfg = for_world(cfg, world_size)
     _check_data(kind, data, cfg)
     stage = _prepare(init_dir, cfg)
     dist, ckpt_dir = stage.dist, ckpt_dir_for(out_dir)
@@ -144,6 +161,11 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
     lengths = [example_length(x) for x in data]
     fingerprint = data_fingerprint(kind, lengths, cfg)
 
+    if cfg.micro_batch != configured:
+        log(stage.dist, f"{kind}: micro_batch {configured} -> {cfg.micro_batch} per rank so that "
+            f"global_batch={cfg.global_batch} splits over {world_size} ranks")
+    if resume:
+        _restart_if_other_world(ckpt_dir, world_size, stage.dist, kind)
     runner = _runner(stage, total)
     start, losses, metrics = 0, [], []
     if resume:
@@ -155,6 +177,11 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
     elif dist.is_main and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
     barrier()
+    sink = sink if dist.is_main else None  # one writer: rank 0
+    if sink is not None:
+        sink.begin(start)  # a resumed stage's lines past its checkpoint are dropped, then rewritten
+    progress = Progress(total, sink.name if sink is not None else kind, initial=start, enabled=dist.is_main,
+                        emit=lambda line: log(dist, line))
 
     if kind == "sft":
         targets = [_target_count(len(x.prompt_ids), lengths[i], stage.max_len) for i, x in enumerate(data)]
@@ -167,6 +194,7 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
     overall = Throughput(stage.reader.config, dist.device, dist.world_size)
     pending: list[torch.Tensor] = []
     pending_lrs: list[float] = []
+    pending_norms: list[torch.Tensor] = []
     epoch, batches = -1, []
     log(dist, f"{kind}: {len(data)} examples, {total} steps of {cfg.global_batch}, backend={stage.backend} "
         f"zero={cfg.zero_stage if stage.backend == 'deepspeed' else '-'} dtype={stage.dtype} "
@@ -175,18 +203,25 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
 
     def flush(step_done: int) -> None:
         rows = _reduce(pending, dist)
+        norms = torch.stack([n.to(dist.device, torch.float32) for n in pending_norms]).cpu().tolist() if rows else []
         first = step_done - len(rows) + 1
         for offset, (row, lr) in enumerate(zip(rows, pending_lrs)):
             losses.append(row[0])
-            metrics.append({"step": first + offset, "lr": lr, **dict(zip(stat_names, row))})
+            metrics.append({"step": first + offset, "lr": lr, **dict(zip(stat_names, row)),
+                            "grad_norm": norms[offset]})
         pending.clear()
         pending_lrs.clear()
+        pending_norms.clear()
         if rows:
             rate, util = throughput.report()
             metrics[-1].update(tokens_per_s=rate, mfu=util)
+            if sink is not None:  # the window's rate is each of its steps' rate
+                for record in metrics[-len(rows):]:
+                    sink.step({**record, "tokens_per_s": rate, "mfu": util})
+            loss = sum(r[0] for r in rows) / len(rows)
             extra = "".join(f" {k}={metrics[-1][k]:.4f}" for k in stat_names[1:5])
-            log(dist, f"{kind} step {step_done}/{total} loss={sum(r[0] for r in rows) / len(rows):.5f}{extra} "
-                f"lr={metrics[-1]['lr']:.3g} tokens/s={rate:.0f} mfu={format_mfu(util)}")
+            progress.report(f"{kind} step {step_done}/{total} loss={loss:.5f}{extra} lr={metrics[-1]['lr']:.3g} "
+                            f"tokens/s={rate:.0f} mfu={format_mfu(util)}", loss=loss, tok_s=round(rate))
 
     for step in range(start, total):
         if step // steps_per_epoch != epoch:
@@ -219,12 +254,14 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
                     logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"])
                     objective, stats = dpo_objective(logp_sum, count, *args)
             runner.backward(objective)
-            runner.step()
+            norm = runner.step()  # the norm of the optimizer step that the last micro-batch completes
             step_stats = stats if step_stats is None else step_stats + stats
         pending.append(step_stats)
+        pending_norms.append(norm if norm is not None else torch.tensor(float("nan")))
         batch_tokens = sum(real_len[i] for i in batch)
         throughput.add(batch_tokens, len(batch) * seq_per_item)
         overall.add(batch_tokens, len(batch) * seq_per_item)
+        progress.advance()
         done = step + 1
         checkpoint_due = cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total
         if done % cfg.log_every == 0 or done == total or checkpoint_due:
@@ -232,16 +269,21 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
         if checkpoint_due:
             runner.save(ckpt_dir, f"step{done}", {"step": done, "losses": losses, "metrics": metrics,
                                                   "fingerprint": fingerprint, "kind": kind})
+            if dist.is_main:
+                _atomic_world_size(ckpt_dir, world_size)
             runner.prune(ckpt_dir, f"step{done}")
         if on_step is not None:
             on_step(done)
     flush(total)
+    progress.close()
 
     rate, _ = overall.report()
     util = mfu(rate, stage.reader.config, max(1, round(sum(real_len) / max(1, len(data) * seq_per_item))),
                overall.peak, dist.world_size)
     runner.train(False)
-    state_dict = runner.full_state_dict(stage.dtype)
+    state_dict = {} if dist.is_main else None
+    handed = collect(runner.each_full_parameter, runner.module.model, stage.dtype, stage.file_config, handoff,
+                     state_dict)
     if dist.is_main:
         export_hf(state_dict, stage.file_config, init_dir, out_dir)
         log(dist, f"{kind}: exported {out_dir} ({rate:.0f} tokens/s, mfu {format_mfu(util)})")
@@ -252,7 +294,33 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
     runner.close()
     del runner
     gc.collect()
-    return TrainResult(steps=total, losses=losses, metrics=metrics, tokens_per_s=rate, mfu=util)
+    return TrainResult(steps=total, losses=losses, metrics=metrics, tokens_per_s=rate, mfu=util, handoff=handed,
+                       micro_batch=cfg.micro_batch)
+
+
+WORLD_FILE = "world_size"
+
+
+def _atomic_world_size(ckpt_dir: Path, world_size: int) -> None:
+    tmp = ckpt_dir / f".{WORLD_FILE}.tmp"
+    tmp.write_text(str(world_size))
+    os.replace(tmp, ckpt_dir / WORLD_FILE)
+
+
+def _restart_if_other_world(ckpt_dir: Path, world_size: int, dist: Dist, kind: str) -> None:
+    """A checkpoint written by another number of ranks holds other ZeRO partitions and RNG streams:
+    the stage restarts from its first step (said in one line) instead of failing to load."""
+    marker = ckpt_dir / WORLD_FILE
+    if not marker.is_file():
+        return
+    written = int(marker.read_text() or 0)
+    if written != world_size:
+        log(dist, f"{kind}: {ckpt_dir} was written by {written} ranks, this run has {world_size}: "
+            "restarting this training stage from step 0")
+        barrier()
+        if dist.is_main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        barrier()
 
 
 def compute_reference_logprobs(init_dir, pairs: Sequence[PreferencePair], cfg: TrainConfig) -> list[PreferencePair]:
@@ -261,11 +329,11 @@ def compute_reference_logprobs(init_dir, pairs: Sequence[PreferencePair], cfg: T
     Ranks split the (length-sorted) batches and exchange results; a rank out of batches repeats one
     so that ZeRO-3's collective forwards stay in step. Eval mode: no dropout."""
     pairs = list(pairs)
+    size = cfg.ref_micro_batch or 2 * cfg.micro_batch  # the configured size: the same batches on any world size
     stage = _prepare(init_dir, cfg)
     dist = stage.dist
     runner = _runner(stage, total_steps=1, train=False)
     runner.train(False)
-    size = cfg.ref_micro_batch or 2 * cfg.micro_batch
     order = sorted(range(len(pairs)), key=lambda i: -example_length(pairs[i]))
     batches = [order[s:s + size] for s in range(0, len(order), size)]
     mine = batches[dist.rank::dist.world_size]
@@ -273,6 +341,8 @@ def compute_reference_logprobs(init_dir, pairs: Sequence[PreferencePair], cfg: T
     collate = dict(max_len=stage.max_len, pad_multiple=stage.pad_multiple, pad_id=0, device=dist.device,
                    with_reference=False)
     computed: list[tuple[list[int], torch.Tensor]] = []
+    progress = Progress(rounds, "reference log-probs", unit="batch", enabled=dist.is_main,
+                        emit=lambda line: log(dist, line))
     with torch.no_grad():
         for r in range(rounds):
             idx = mine[r] if r < len(mine) else batches[0]
@@ -280,6 +350,11 @@ def compute_reference_logprobs(init_dir, pairs: Sequence[PreferencePair], cfg: T
             logp_sum, _ = runner.forward(b["input_ids"], b["targets"], b["mask"])
             if r < len(mine):
                 computed.append((idx, logp_sum.float()))
+            progress.advance()
+            if (r + 1) % cfg.log_every == 0 and r + 1 < rounds:
+                progress.report(f"reference log-probs: batch {r + 1}/{rounds} (of {size} pairs, x{dist.world_size} "
+                                "ranks)")
+    progress.close()
     local = {}
     for idx, logp in computed:
         values = logp.cpu().tolist()

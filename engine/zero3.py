@@ -91,14 +91,26 @@ def local_numel(model: nn.Module) -> tuple[int, int]:
     return local, full
 
 
-def gathered_state_dict(model: Llama, dtype: torch.dtype, rank: int) -> dict[str, torch.Tensor] | None:
-    """The full weights as CPU tensors of `dtype` on rank 0 (None elsewhere), one parameter gathered at
-    a time: every rank's transient cost is one full tensor; rank 0 ends holding the export copy."""
-    out = {} if rank == 0 else None
+def each_full_parameter(model: nn.Module, visit) -> None:
+    """visit(name, full tensor, gathered) on every rank for every parameter, one parameter gathered at a
+    time: the transient cost on each rank is one full tensor, never the model. A gathered tensor is only
+    valid inside the call (its memory is re-partitioned right after): copy what you keep. An unpartitioned
+    one is the model's own parameter data."""
     for name, param in model.named_parameters():
         with _gathered([param]):
-            if rank == 0:
-                out[name] = param.detach().to("cpu", dtype, copy=True)
+            visit(name, param.detach(), is_partitioned(param))
+
+
+def gathered_state_dict(model: Llama, dtype: torch.dtype, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full weights as CPU tensors of `dtype` on rank 0 (None elsewhere); rank 0 ends holding the
+    export copy."""
+    out = {} if rank == 0 else None
+
+    def keep(name, tensor, gathered):
+        if out is not None:
+            out[name] = tensor.to("cpu", dtype, copy=True)
+
+    each_full_parameter(model, keep)
     return out
 
 
@@ -107,8 +119,9 @@ def full_weights(model: Llama):
     """Sampler hand-off: every rank holds the full weights inside the block; released on exit.
 
     Gather once per generation phase, not per sampled token. A model whose full weights do not fit
-    one device cannot be sampled this way: we fail up front with the sizes, and the plan for that
-    case is tensor-parallel sampling over the same shards (a later issue)."""
+    one device cannot be sampled this way: we fail up front with the sizes. The loop does not use
+    this: it takes the weights out of training with each_full_parameter (engine/handoff.py), keeping
+    per rank only what its sampler needs (its tensor-parallel slice)."""
     params = list(model.parameters())
     if not any(is_partitioned(p) for p in params):
         yield model
@@ -120,7 +133,7 @@ def full_weights(model: Llama):
         held = sum(p.ds_tensor.numel() * p.element_size() for p in params)
         if need - held > free:
             raise MemoryError(f"sampler hand-off: the full model needs {need / 2**30:.1f} GiB on one device "
-                              f"but {free / 2**30:.1f} GiB is free; tensor-parallel sampling is required "
-                              "(not implemented yet)")
+                              f"but {free / 2**30:.1f} GiB is free; set model.tensor_parallel "
+                              "to sample from per-rank slices (engine/handoff.py)")
     with _gathered(params):
         yield model

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import TrainConfig, dpo_config, sft_config
+from engine.metrics_log import SINKS
 from model.config import ConfigError
 
 
@@ -27,10 +28,16 @@ class LoopConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 0
+    seed: int = 0  # seeds the data split, sampling and training of the whole run
     iterations: int = 2  # AIFT iterations: M1 -> M2 -> M3 is 2
-    run_dir: str = "runs/cpu_default"
+    run_dir: str = "runs/cpu_default"  # where every artifact of the run goes (--run-dir overrides)
     chunk_size: int = 512  # prompts per generate() call; a killed stage resumes at chunk granularity
+    # Metrics sinks: RUN_DIR/metrics.jsonl is always written; add tensorboard (RUN_DIR/tensorboard) and/or
+    # wandb (honours WANDB_MODE=offline, WANDB_PROJECT). Not part of the config hash: it shapes no result.
+    log_to: tuple[str, ...] = ("jsonl",)
+    # Nodes (of 8 GPUs) this config is planned for: bench/memory_plan.py checks it fits them; torchrun's
+    # --nnodes sets the real world. Not part of the config hash: the global batch, not the world, shapes results.
+    nodes: int = 1
 
 
 @dataclass(frozen=True)
@@ -39,19 +46,22 @@ class ModelConfig:
     tokenizer: str | None = None  # None: the tokenizer stored with the checkpoint
     chat_template: str | None = None  # llama2 | llama3 | chatml; None: the tokenizer's own
     dtype: str | None = None  # sampler dtype; None = the sampler's default
-    kv_memory: float = 0.3
-    max_num_seqs: int = 256
-    max_batched_tokens: int = 4096
+    kv_memory: float = 0.3  # sampler KV cache: a fraction (0, 1] of free device memory, or bytes (> 1)
+    max_num_seqs: int = 256  # sequences the sampler decodes at once
+    max_batched_tokens: int = 4096  # tokens per sampler forward (prefill chunks and decodes together)
+    # ranks per tensor-parallel sampler group (1, 2, 4, 8), consecutive ranks inside a node; the world is
+    # split into world_size / tensor_parallel data-parallel groups of them
+    tensor_parallel: int = 1
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "world"  # "world" (embedded CPU world) | "oasst" (oasst1 export at oasst_path)
-    oasst_path: str | None = None
-    ift_size: int = 3200
+    oasst_path: str | None = None  # the oasst1 export, for source = "oasst"
+    ift_size: int = 3200  # OASST: instruction-following (IFT) seed examples
     eft_prompts: int = 1000  # OASST prompts with several ranked responses sent to the EFT builder
-    eval_prompts: int = 256
-    eft_eval_fraction: float = 0.25
+    eval_prompts: int = 256  # OASST: held-out prompts for evaluation
+    eft_eval_fraction: float = 0.25  # OASST: share of the EFT examples held out to measure the judge
     eft_cap_ratio: float = 1.0  # most common EFT score capped at this x the second most common's count
     world: dict = field(default_factory=dict)  # WorldConfig fields, for source = "world"
     world_cache_dir: str = ".cache/world"  # pretrained world M0s, keyed by world config hash (shared by runs)
@@ -71,14 +81,15 @@ class PromptGenConfig:
     world_filter: bool = True  # also require the world's is_valid_prompt (data.source = world)
     chat: bool = True  # wrap the few-shot prompt in the chat template (False: raw continuation, base models)
     template: str = "self_instruct.txt"  # file in loop/templates or a path
-    shots_ift: int = 6
-    shots_generated: int = 2
-    temperature: float = 0.6
-    top_p: float = 0.9
-    max_new_tokens: int = 128
-    rouge_threshold: float = 0.7
-    min_words: int = 3
-    max_words: int = 150
+    shots_ift: int = 6  # few-shot examples drawn from the IFT seed data per prompt-generation request
+    shots_generated: int = 2  # few-shot examples drawn from earlier iterations' generated prompts
+    temperature: float = 0.6  # sampling temperature of prompt generation
+    top_p: float = 0.9  # nucleus sampling of prompt generation
+    max_new_tokens: int = 128  # token budget of one generated prompt
+    rouge_threshold: float = 0.7  # drop a new prompt whose ROUGE-L with a kept one reaches this
+    min_words: int = 3  # drop shorter generated prompts
+    max_words: int = 150  # drop longer generated prompts
+    # Drop generated prompts with one of these words (self-instruct's list: what a text model cannot do).
     banned_keywords: tuple[str, ...] = ("image", "images", "graph", "graphs", "picture", "pictures", "file",
                                         "files", "map", "maps", "draw", "plot", "go to", "video", "audio",
                                         "flowchart", "diagram")
@@ -86,10 +97,10 @@ class PromptGenConfig:
 
 @dataclass(frozen=True)
 class ResponseConfig:
-    n: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 512
+    n: int = 4  # candidate responses sampled per prompt (the paper: 4)
+    temperature: float = 0.7  # sampling temperature of the candidate responses
+    top_p: float = 0.9  # nucleus sampling of the candidate responses
+    max_new_tokens: int = 512  # token budget of one response
 
 
 @dataclass(frozen=True)
@@ -97,29 +108,37 @@ class JudgeConfig:
     template: str = "paper"  # "paper" (Figure 2), "world" (the world's own), or a file path
     mode: str = "sampled"  # "sampled": parse "Score: n" (the paper); "expected": E[score token] (loop/expected_score.py)
     k: int = 3  # sampled judgments per response, averaged
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float = 0.7  # sampling temperature of the judgments
+    top_p: float = 0.9  # nucleus sampling of the judgments
     max_new_tokens: int = 256  # below ~150 the justification eats the budget before "Score:"
 
 
 @dataclass(frozen=True)
 class PairsConfig:
-    min_scored: int = 2
-    min_gap: float = 0.0
-    length_control: bool = False
-    length_margin: float = 0.0
+    min_scored: int = 2  # responses with a valid mean score needed to form a pair
+    min_gap: float = 0.0  # drop pairs whose chosen - rejected score gap is <= this (0 = only exact ties)
+    length_control: bool = False  # chosen = the shortest response within length_margin of the top score
+    length_margin: float = 0.0  # score margin of length_control
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    enabled: bool = True
+    enabled: bool = True  # evaluate each model (false: train only)
     sft_baseline: bool = True  # train the IFT-only baseline and compare against it
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # token budget of one eval response
     temperature: float = 0.0  # eval generations: greedy by default
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of eval generations (with temperature > 0)
     reward_metrics: bool = True  # Table 4 metrics of each model as judge on eft_eval
     judge_k: int = 1  # judgments per EFT-eval example for the reward metrics
-    judge_temperature: float = 0.0
+    judge_temperature: float = 0.0  # sampling temperature of the reward-metric judgments (0 = greedy)
+    # Head to head without a grader (the paper's GPT-4 evaluation): a pairwise judge compares each model's
+    # answers with the SFT baseline's and the previous model's, in both presentation orders.
+    pairwise: bool = True
+    pairwise_judge: str | None = None  # judge checkpoint (HF/Meta dir or .gguf); None: the model being evaluated
+    pairwise_template: str = "pairwise_judge.txt"  # file in loop/templates or a path
+    # The user's prompt set (JSONL {"id"?, "prompt" | "instruction", "dataset"?}, e.g. AlpacaEval's) in place
+    # of the held-out eval prompts; eval/<model>/alpaca_eval.json is written for it. None: held-out prompts.
+    prompts_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,8 @@ class LoopConfig:
         """Hash of everything that shapes the results (not where the run directory lives)."""
         d = self.to_dict()
         d["run"].pop("run_dir")
+        d["run"].pop("log_to")  # where metrics go changes no artifact: a resume may add or drop a logger
+        d["run"].pop("nodes")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> "LoopConfig":
@@ -152,6 +173,16 @@ class LoopConfig:
             bad("run.iterations", "must be >= 0")
         if self.run.chunk_size <= 0:
             bad("run.chunk_size", "must be positive")
+        if self.run.nodes < 1:
+            bad("run.nodes", "must be >= 1")
+        if self.model.tensor_parallel not in (1, 2, 4, 8):
+            bad("model.tensor_parallel", f"= {self.model.tensor_parallel}: must be 1, 2, 4 or 8")
+        if self.model.tensor_parallel > 1 and self.judge.mode == "expected":
+            # the expected score is one forward of rank 0's model; a tensor-parallel shard needs its group
+            bad("judge.mode", "= 'expected' is not supported with model.tensor_parallel > 1 (use sampled)")
+        for name in self.run.log_to:
+            if name not in SINKS:
+                bad("run.log_to", f"has {name!r}: unknown (known: {', '.join(SINKS)})")
         if self.data.source not in ("world", "oasst"):
             bad("data.source", f"is {self.data.source!r}: unknown (known: world, oasst)")
         if self.data.source == "oasst" and not self.data.oasst_path:
@@ -183,6 +214,13 @@ class LoopConfig:
             bad("judge.mode", f"is {self.judge.mode!r}: unknown (known: sampled, expected)")
         if self.judge.template == "world" and self.data.source != "world":
             bad("judge.template", "= 'world' needs data.source = world")
+        if self.eval.pairwise_judge is not None and not Path(self.eval.pairwise_judge).exists():
+            bad("eval.pairwise_judge", f"is {self.eval.pairwise_judge!r}: no such checkpoint")
+        if not ((Path(__file__).resolve().parent / "templates" / self.eval.pairwise_template).is_file()
+                or Path(self.eval.pairwise_template).is_file()):
+            bad("eval.pairwise_template", f"is {self.eval.pairwise_template!r}: not a file in loop/templates or a path")
+        if self.eval.prompts_path is not None and not Path(self.eval.prompts_path).is_file():
+            bad("eval.prompts_path", f"is {self.eval.prompts_path!r}: no such file")
         if not 0.0 <= self.prompts.rouge_threshold <= 1.0:
             bad("prompts.rouge_threshold", "must be in [0, 1]")
         if self.pairs.min_scored < 2:
@@ -296,6 +334,26 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _derive_seeds(tree: dict) -> dict:
+    """run.seed is the one seed a user sets: sft.seed, dpo.seed and (world data) data.world.seed follow it
+    unless set on their own. Filled into the tree, so the config hash and the manifest show them."""
+    run = tree.get("run")
+    seed = run.get("seed", RunConfig.seed) if isinstance(run, dict) else RunConfig.seed
+    out = dict(tree)
+    for section in ("sft", "dpo"):
+        value = out.get(section)
+        if value is None or isinstance(value, dict):
+            out[section] = {"seed": seed, **(value or {})}
+    data = out.get("data")
+    data = dict(data) if isinstance(data, dict) else ({} if data is None else data)
+    if isinstance(data, dict) and data.get("source", DataConfig.source) == "world":
+        world = data.get("world")
+        if world is None or isinstance(world, dict):
+            data["world"] = {"seed": seed, **(world or {})}
+        out["data"] = data
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> LoopConfig:
     """YAML file (or defaults when None) + key=value overrides -> validated LoopConfig."""
     tree: dict = {}
@@ -309,8 +367,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Lo
             line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
             raise LoopConfigError(f"{path}:{line}: invalid YAML") from None
     tree = _merge(tree, parse_overrides(list(overrides)))
-    return _build(LoopConfig, tree, "").validate()
+    return _build(LoopConfig, _derive_seeds(tree), "").validate()
 
 
 def config_from_dict(d: dict) -> LoopConfig:
-    return _build(LoopConfig, d, "").validate()
+    return _build(LoopConfig, _derive_seeds(d), "").validate()

@@ -124,7 +124,7 @@ def length_stats(token_counts: list[int], texts: list[str]) -> dict:
 
 def export_alpaca_eval(path: str | Path, generations: list[dict], generator: str) -> int:
     """AlpacaEval's `--model_outputs` format: a JSON list of {instruction, output, generator}."""
-    rows = [{"instruction": g["prompt"], "output": g["text"], "generator": generator, "dataset": "selfreward"}
-            for g in generations]
+    rows = [{"instruction": g["prompt"], "output": g["text"], "generator": generator,
+             "dataset": g.get("dataset", "selfreward")} for g in generations]
     write_json(path, rows)
     return len(rows)

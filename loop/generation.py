@@ -7,6 +7,11 @@ chunk's records to the stage's JSONL with one write + fsync. Every request carri
 derived from (run seed, stage, record id), and the sampler draws each sample from its own
 generator, so after a kill the resumed stage regenerates exactly the missing records: no
 duplicates, no gaps, the same records an uninterrupted run writes.
+
+A request whose prompt tokens plus max_new_tokens exceed the sampler's context is not generated:
+its records go to `<out>.skipped.jsonl` ({"id", "request_id", "skipped": reason}) beside out_path,
+never to out_path, and the stage's summary counts them (loop/stage_dir.py). Which requests are skipped
+is a pure function of the prompts, the params and the model, so a resumed stage skips the same ones.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from tqdm import tqdm
 from engine.distributed import Dist, barrier
 from engine.sampler import SamplingParams, generate_distributed
 
-from .records import JsonlAppender
+from .records import JsonlAppender, read_jsonl, write_jsonl
+
+SKIPPED_SUFFIX = ".skipped.jsonl"
 
 
 def _broadcast(obj, dist: Dist):
@@ -35,6 +42,36 @@ def sample_id(request_id: str, sample_index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}-s{sample_index}"
 
 
+def skipped_path(out_path: Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name.removesuffix(".jsonl") + SKIPPED_SUFFIX)
+
+
+def read_skipped(out_path: Path) -> list[dict]:
+    """The records generate_records skipped for out_path (over-long requests); [] when none."""
+    path = skipped_path(out_path)
+    return read_jsonl(path, ("id", "request_id", "skipped")) if path.exists() else []
+
+
+def context_length(sampler) -> int:
+    config = getattr(sampler, "config", None) or sampler.model.config
+    return int(config.max_seq_len)
+
+
+def split_overlong(requests: list[dict], params: SamplingParams, context: int) -> tuple[list[dict], list[dict]]:
+    """(requests that fit, skipped records): a prompt fits when its tokens + max_new_tokens <= context."""
+    fit, skipped = [], []
+    for r in requests:
+        n = len(r["ids"])
+        if n + params.max_new_tokens <= context:
+            fit.append(r)
+            continue
+        why = f"prompt of {n} tokens + max_new_tokens {params.max_new_tokens} > context {context}"
+        skipped += [{"id": sample_id(r["id"], s, params.n), "request_id": r["id"], "skipped": why}
+                    for s in range(params.n)]
+    return fit, skipped
+
+
 def generate_records(sampler, dist: Dist, requests: list[dict], params: SamplingParams, out_path: Path, *,
                      chunk_size: int, make_record: Callable[[dict, object, str], dict], desc: str = "generate",
                      finalize: Callable[[list[tuple[dict, dict]]], None] | None = None,
@@ -42,12 +79,19 @@ def generate_records(sampler, dist: Dist, requests: list[dict], params: Sampling
     """Generate params.n samples per request into out_path (resuming what is already there).
 
     make_record(request, completion, record_id) -> the record to store (must keep "id").
-    Returns all records in request order (rank 0; other ranks get []).
+    Returns the records of every request that fits the context, in request order (rank 0; other ranks
+    get []); the others are written to skipped_path(out_path) (see the module docstring).
     finalize([(request, record), ...]) may complete a chunk's records in place before they are written
     (rank 0 only; e.g. the expected judge score, which needs one batched forward per chunk).
     chunk_hook(chunk_index) runs after each chunk is written.
     """
     n = params.n
+    requests, skipped = split_overlong(requests, params, context_length(sampler))
+    if dist.is_main:
+        if skipped:
+            write_jsonl(skipped_path(out_path), skipped)
+        else:
+            skipped_path(out_path).unlink(missing_ok=True)
     appender = JsonlAppender(out_path) if dist.is_main else None
     done_ids = _broadcast(set(appender.ids) if appender else None, dist)
     chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]

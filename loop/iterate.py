@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import shutil
 import sys
@@ -23,58 +22,54 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun loop/iterate.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 from engine.distributed import Dist, barrier, init_distributed, log, seed_everything  # noqa: E402
+from engine.metrics_log import MetricsSink, StageMetrics, check_sinks  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 
 from loop import manifest as M  # noqa: E402
 from loop.config import LoopConfig, load_config  # noqa: E402
 from loop.generation import _broadcast  # noqa: E402
 from loop.judge import PAPER_TEMPLATE, load_template  # noqa: E402
+from loop.preflight import preflight  # noqa: E402
 from loop.records import RecordError  # noqa: E402
+from loop.sampler_phase import SamplerPhase  # noqa: E402
 from loop.stage_dir import StageDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "cpu_default.yaml"
-DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Loop:
     """One run directory's pipeline; holds at most one loaded sampler at a time."""
 
-    def __init__(self, cfg: LoopConfig, dist: Dist, run_dir: Path):
+    def __init__(self, cfg: LoopConfig, dist: Dist, run_dir: Path, metrics: MetricsSink | None = None):
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        self.metrics = metrics  # rank 0's sink (metrics.jsonl + run.log_to); None on the other ranks
         self.world = None
         self.tok = None
-        self._sampler = None
-        self._sampler_path = None
+        self.phase = SamplerPhase(cfg.model, dist)
 
     # --- plumbing ---------------------------------------------------------------------------
     def stage(self, *parts: str) -> StageDir:
-        return StageDir(self.run_dir.joinpath(*parts), self.dist)
+        sink = self.stage_metrics(*parts)
+        return StageDir(self.run_dir.joinpath(*parts), self.dist, on_finish=sink.summary if sink else None)
+
+    def stage_metrics(self, *parts: str) -> StageMetrics | None:
+        return self.metrics.stage("/".join(parts)) if self.metrics is not None else None
 
     def model_dir(self, name: str) -> Path:
+        m0 = StageDir(self.run_dir / "m0", self.dist)
+        if name == "M0" and m0.done:  # a .gguf M0 is linked with its suffix: see prepare
+            return self.run_dir / m0.summary().get("link", "models/M0")
         return self.run_dir / "models" / name
 
     def sampler(self, model_dir: Path):
-        """Load a model for generation once per phase; a different model replaces it."""
-        if self._sampler_path != model_dir:
-            self.release_sampler()
-            from engine.sampler import load_sampler
-
-            mc = self.cfg.model
-            self._sampler = load_sampler(model_dir, tokenizer=self.tok, dtype=DTYPES[mc.dtype],
-                                         device=self.dist.device, kv_memory=mc.kv_memory,
-                                         max_num_seqs=mc.max_num_seqs, max_batched_tokens=mc.max_batched_tokens)
-            self._sampler_path = model_dir
-        return self._sampler
+        """The generation phase's sampler: the weights a training stage handed over, else from disk."""
+        self.phase.tok = self.tok
+        return self.phase.get(model_dir)
 
     def release_sampler(self) -> None:
-        self._sampler = self._sampler_path = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self.phase.release()
 
     # --- seed data and M0 -------------------------------------------------------------------
     def prepare(self) -> None:
@@ -105,26 +100,36 @@ class Loop:
         m0 = self.stage("m0")
         if not m0.done:
             m0.begin()
-            if self.world is not None:
+            if cfg.model.init == "world":
                 cache = Path(cfg.data.world_cache_dir)
                 if self.dist.is_main:  # pretraining M0 is cached by config hash: rank 0 builds, others reuse
-                    self.world.build_m0(cache, log=lambda m: log(self.dist, m))
+                    self.world.build_m0(cache, log=lambda m: log(self.dist, m), metrics=self.stage_metrics("m0"))
                 barrier()
                 ckpt, tok_path = self.world.build_m0(cache, log=lambda m: None)
-            else:
+            else:  # any checkpoint format, also with the world's data (its tasks as chat prompts)
+                from model.checkpoint import CheckpointError, checkpoint_format
+
                 ckpt = Path(cfg.model.init)
                 tok_path = Path(cfg.model.tokenizer or cfg.model.init)
+                try:
+                    checkpoint_format(ckpt)
+                except CheckpointError as e:
+                    raise ConfigError(f"loop config: model.init: {e}") from None
+            ckpt = Path(ckpt).resolve()
+            # The link keeps a file's suffix (models/M0.gguf): checkpoint formats are told apart by it.
+            link = self.run_dir / "models" / ("M0" + (ckpt.suffix if ckpt.is_file() else ""))
             if self.dist.is_main:
-                link = self.model_dir("M0")
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if link.is_symlink() or link.exists():
                     link.unlink()
-                link.symlink_to(Path(ckpt).resolve())
-            m0.finish({"checkpoint": str(Path(ckpt).resolve()), "tokenizer": str(Path(tok_path).resolve())})
+                link.symlink_to(ckpt)
+            m0.finish({"checkpoint": str(ckpt), "tokenizer": str(Path(tok_path).resolve()),
+                       "link": str(link.relative_to(self.run_dir))})
         info = m0.summary()
         from model.tokenizer import load_tokenizer
 
-        template = cfg.model.chat_template or (self.world.cfg.chat_template if self.world is not None else None)
+        world_m0 = self.world is not None and cfg.model.init == "world"
+        template = cfg.model.chat_template or (self.world.cfg.chat_template if world_m0 else None)
         self.tok = load_tokenizer(info["tokenizer"], chat_template=template)
 
     def seed_path(self, name: str) -> Path:
@@ -149,10 +154,12 @@ class Loop:
         st.begin()
         self.release_sampler()
         eft = self.seed_path("eft_train") if with_eft else None
-        summary = run_sft(self.tok, self.dist, self.cfg, init_dir=self.model_dir("M0"),
-                          ift_path=self.seed_path("ift"), eft_path=eft, judge_template=self.judge_template(),
-                          out_dir=self.model_dir(name))
+        summary, weights = run_sft(self.tok, self.dist, self.cfg, init_dir=self.model_dir("M0"),
+                                   ift_path=self.seed_path("ift"), eft_path=eft, judge_template=self.judge_template(),
+                                   out_dir=self.model_dir(name), handoff=self.phase.request(),
+                                   sink=self.stage_metrics("sft", name))
         st.finish(summary)
+        self.phase.handed(self.model_dir(name), weights)
 
     def build_eft(self) -> None:
         """OASST only: the SFT baseline judges the ranked candidates; agreeing judgments become EFT data."""
@@ -249,8 +256,11 @@ class Loop:
                 os.replace(tmp, nxt)
             s6.finish({"skipped": why, "pairs": n_pairs})
             return
-        s6.finish(run_dpo(self.tok, self.dist, self.cfg, init_dir=current, pairs_path=s5.final / "pairs.jsonl",
-                          out_dir=nxt))
+        summary, weights = run_dpo(self.tok, self.dist, self.cfg, init_dir=current,
+                                   pairs_path=s5.final / "pairs.jsonl", out_dir=nxt, handoff=self.phase.request(),
+                                   sink=self.stage_metrics(it, "6_dpo"))
+        s6.finish(summary)
+        self.phase.handed(nxt, weights)
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, name: str) -> None:
@@ -260,12 +270,39 @@ class Loop:
         if st.done or not self.cfg.eval.enabled:
             return
         work = st.begin()
+        ec = self.cfg.eval
         eft_eval = self.seed_path("eft_eval")
-        grader = self.world.grade if self.world is not None else None
-        st.finish(eval_model(self.sampler(self.model_dir(name)), self.tok, self.dist, self.cfg, name=name,
-                             eval_prompts_path=self.seed_path("eval_prompts"),
+        # The world's grader only knows the world's tasks: a user's prompt set gets no ground truth.
+        grader = self.world.grade if (self.world is not None and ec.prompts_path is None) else None
+        prompts = Path(ec.prompts_path) if ec.prompts_path else self.seed_path("eval_prompts")
+        summary = eval_model(self.sampler(self.model_dir(name)), self.tok, self.dist, self.cfg, name=name,
+                             eval_prompts_path=prompts,
                              eft_eval_path=eft_eval if eft_eval.exists() else None,
-                             judge_template=self.judge_template(), work=work, grader=grader))
+                             judge_template=self.judge_template(), work=work, grader=grader)
+        if ec.pairwise:
+            summary["pairwise"] = self.pairwise(name, work)
+        st.finish(summary)
+
+    def pairwise(self, name: str, work: Path) -> dict:
+        """name against the SFT baseline and the previous model, judged pairwise (loop/pairwise.py) by
+        eval.pairwise_judge (with its own tokenizer) or, when none is given, by name itself."""
+        from loop.stage_eval import pairwise_matches
+        from model.tokenizer import load_tokenizer
+
+        prev = f"M{int(name[1:]) - 1}" if name.startswith("M") and name[1:].isdigit() else None
+        opponents = {o: self.run_dir / "eval" / o / "generations.jsonl" for o in ("sft_baseline", prev)
+                     if o not in (None, name) and StageDir(self.run_dir / "eval" / o, self.dist).done}
+        if not opponents:
+            return {}
+        barrier()  # rank 0 wrote work/generations.jsonl; every rank builds the judge prompts from it
+        judge = self.cfg.eval.pairwise_judge
+        if judge is None:
+            return pairwise_matches(self.sampler(self.model_dir(name)), self.tok, self.dist, self.cfg, name=name,
+                                    work=work, opponents=opponents, judge=f"{name} (self)")
+        judge_tok = load_tokenizer(judge)
+        self.phase.tok = judge_tok
+        return pairwise_matches(self.phase.get(Path(judge)), judge_tok, self.dist, self.cfg, name=name, work=work,
+                                opponents=opponents, judge=Path(judge).name)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -292,8 +329,25 @@ class Loop:
         barrier()
 
 
+def check_world_size(cfg: LoopConfig, world_size: int) -> None:
+    """Before any stage works: each training section runs on this many ranks (the trainer lowers a
+    micro_batch that does not divide; a global_batch that cannot be split is an error here, not
+    after M0 and SFT have run); the tensor-parallel groups tile the world."""
+    tp = cfg.model.tensor_parallel
+    if world_size % tp:
+        raise ConfigError(f"loop config: model.tensor_parallel={tp} does not divide the world size {world_size}")
+    for section in ("sft", "dpo"):
+        try:
+            getattr(cfg, section).for_world(world_size).validate(world_size)
+        except ConfigError as e:
+            raise ConfigError(f"loop config: {section}.{str(e).removeprefix('train config: ')}") from None
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="Self-rewarding loop: M0 -> M_{T+1}, resumable.")
+    from loop.config_help import help_text
+
+    ap = argparse.ArgumentParser(description="Self-rewarding loop: M0 -> M_{T+1}, resumable.", epilog=help_text(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     ap.add_argument("--run-dir", default=None, help="run directory (overrides run.run_dir)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir, skipping done stages")
@@ -309,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         if args.run_dir:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=args.run_dir))
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        check_sinks(cfg.run.log_to)
+        preflight(cfg, Path(cfg.run.run_dir), resume=args.resume)  # before anything is written
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -324,12 +381,20 @@ def main(argv: list[str] | None = None) -> int:
     error = _broadcast(error, dist)
     if error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    metrics = MetricsSink(run_dir, cfg.run.log_to, config=cfg.to_dict()) if dist.is_main else None
     try:
-        Loop(cfg, dist, run_dir).run()
+        Loop(cfg, dist, run_dir, metrics=metrics).run()
     except (RecordError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, say: what was written is consistent (loop/records.py)
+        print(f"error: {e}; the run directory holds every complete record: free the space, then rerun with "
+              "--resume", file=sys.stderr)
         return 1
+    finally:
+        if metrics is not None:
+            metrics.close()
     if dist.is_main:
         M.mark_finished(run_dir, manifest, time.time() - t0)
         log(dist, f"run finished in {time.time() - t0:.1f} s: {run_dir / 'report.md'}")

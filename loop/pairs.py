@@ -12,6 +12,7 @@ from dataclasses import dataclass
 DROP_TOO_FEW_SCORED = "too_few_scored"
 DROP_TIE = "tie"
 DROP_NO_RESPONSES = "no_responses"
+DROP_OVERLONG = "overlong"  # the prompt or judge input did not fit the context (loop/generation.py skipped it)
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,13 @@ class PairRules:
 
 
 def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dict[str, float | None],
-                rules: PairRules) -> tuple[list[dict], list[dict], Counter]:
+                rules: PairRules, overlong: frozenset[str] = frozenset()) -> tuple[list[dict], list[dict], Counter]:
     """Returns (pairs, outcomes, drop_reason_counts).
 
     prompts: {"id", "prompt"}; responses: {"id", "prompt_id", "sample_index", "text", "num_tokens"};
     response_scores: response id -> mean judge score or None (no parsable judgment).
+    overlong: prompt ids whose responses or judgments were skipped as over-long; when such a prompt
+    gets no pair for lack of (scored) responses, that is its drop reason.
     Ties among equally-scored responses break on sample index, so the result is deterministic.
     """
     by_prompt: dict[str, list[dict]] = {}
@@ -42,9 +45,9 @@ def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dic
                    "scores": [response_scores.get(r["id"]) for r in cands]}
         reason = None
         if not cands:
-            reason = DROP_NO_RESPONSES
+            reason = DROP_OVERLONG if p["id"] in overlong else DROP_NO_RESPONSES
         elif len(scored) < max(2, rules.min_scored):
-            reason = DROP_TOO_FEW_SCORED
+            reason = DROP_OVERLONG if p["id"] in overlong else DROP_TOO_FEW_SCORED
         else:
             top = max(s for s, _ in scored)
             if rules.length_control:

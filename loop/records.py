@@ -92,12 +92,20 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), *, un
     return records
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class JsonlAppender:
     """Append-only JSONL writer for a stage in progress, resumable after a kill.
 
     On open, existing complete records are loaded (`.records`); a torn final line (no trailing
     newline, or not valid JSON at the end of the file) is truncated away. A malformed line that is
-    not the last one is real corruption and raises RecordError.
+    not the last one is real corruption and raises RecordError. A write that fails (OSError: disk
+    full) is cut back to the last complete record before the error propagates, so the file never
+    holds a torn batch and a later open resumes from it.
     """
 
     def __init__(self, path: str | os.PathLike, required: Sequence[str] = ("id",)):
@@ -107,7 +115,8 @@ class JsonlAppender:
         self.ids: set[str] = set()
         if self.path.exists():
             self._recover(required)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)  # unbuffered: nothing left to flush after a failure
+        self._size = os.fstat(self._file.fileno()).st_size
 
     def _recover(self, required: Sequence[str]) -> None:
         data = self.path.read_bytes()
@@ -137,9 +146,15 @@ class JsonlAppender:
         for r in batch:
             if r["id"] in self.ids:
                 raise RecordError(f"{self.path}: record id {r['id']!r} written twice")
-        self._file.write("".join(_dump(r) + "\n" for r in batch))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = "".join(_dump(r) + "\n" for r in batch).encode("utf-8")
+        fd = self._file.fileno()
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, self._size)  # frees what the failed write took, so it succeeds on a full disk
+            raise
+        self._size += len(data)
         for r in batch:
             self.ids.add(r["id"])
             self.records.append(r)

@@ -47,7 +47,8 @@ def collect(run_dir: Path) -> dict:
             a, b = run_dir / "eval" / m / "grades.jsonl", run_dir / "eval" / other / "grades.jsonl"
             if other in evals and other != m and a.exists() and b.exists():
                 h2h[f"{m} vs {other}"] = head_to_head_from_grades(a, b)
-    return {"iterations": iters, "evals": evals, "head_to_head": h2h,
+    pairwise = {f"{m} vs {opp}": v for m, e in evals.items() for opp, v in (e.get("pairwise") or {}).items()}
+    return {"iterations": iters, "evals": evals, "head_to_head": h2h, "pairwise": pairwise,
             "sft": {n: _summary(run_dir / "sft" / n) for n in ("sft_baseline", "M1")},
             "eft": _summary(run_dir / "eft"), "seed": _summary(run_dir / "seed")}
 
@@ -99,6 +100,20 @@ def _plots(run_dir: Path, data: dict) -> list[str]:
             ax.set_ylabel("%")
             ax.legend()
             made.append(_save(fig, out_dir / "metrics.png"))
+    matches = [(f"{k} (judge)", v) for k, v in data.get("pairwise", {}).items()]
+    matches += [(f"{k} (grader)", v) for k, v in data["head_to_head"].items()]
+    if matches:
+        fig, ax = plt.subplots(figsize=(6, 0.9 + 0.45 * len(matches)))
+        left = [0.0] * len(matches)
+        for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red")):
+            vals = [0.0 if math.isnan(v[key]) else v[key] for _, v in matches]
+            ax.barh([m for m, _ in matches], vals, left=left, color=color, label=f"{key} %")
+            left = [a + b for a, b in zip(left, vals)]
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("% of prompts")
+        ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        made.append(_save(fig, out_dir / "head_to_head.png"))
     return made
 
 
@@ -171,14 +186,40 @@ def render(run_dir: Path, data: dict, plots: list[str], cfg: LoopConfig | None) 
                          f"| {_fmt(rm.get('spearman'))} | {_fmt(rm.get('kendall_tau'))} | {_fmt(rm.get('parse_rate'))} "
                          f"| {_fmt(gr.get('mean_score'), 2)} | {_fmt(gr.get('accuracy'), 1)} |")
         lines.append("")
+    if data.get("pairwise"):
+        lines += ["## Head to head (pairwise judge, both orders, disagreement = tie)", "",
+                  "| match | judge | win % | tie % | loss % | prompts | unparsable judgments | orders disagree "
+                  "| too long for the judge | first-position rate |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for k, v in data["pairwise"].items():
+            lines.append(f"| {k} | {v['judge']} | {_fmt(v['win'], 1)} | {_fmt(v['tie'], 1)} | {_fmt(v['loss'], 1)} "
+                         f"| {v['num_prompts']} | {v['unparsable']} / {v['judgments']} | {v['inconsistent']} "
+                         f"| {v['too_long']} | {_fmt(v['first_position_rate'], 2)} |")
+        lines.append("")
     if data["head_to_head"]:
-        lines += ["## Head to head (ground-truth grader, both orders, disagreement = tie)", "",
+        lines += ["## Head to head (ground-truth grader: pointwise and deterministic, so one verdict per prompt; "
+                  "presentation order cannot matter)", "",
                   "| match | win % | tie % | loss % | prompts |", "|---|---|---|---|---|"]
         for k, v in data["head_to_head"].items():
             lines.append(f"| {k} | {_fmt(v['win'], 1)} | {_fmt(v['tie'], 1)} | {_fmt(v['loss'], 1)} | {v['num_prompts']} |")
         lines.append("")
+    limits = _context_limits(run_dir)
+    if limits:
+        lines += ["## Inputs over the context", ""] + [f"- {k}: {v}" for k, v in limits.items()] + [""]
     lines += [f"![{p}](plots/{p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _context_limits(run_dir: Path) -> dict[str, str]:
+    """stage -> what did not fit the context: requests skipped by generation, training examples cut."""
+    out = {}
+    for f in sorted(run_dir.rglob("done.json")):
+        s = json.loads(f.read_text())
+        parts = [f"{n} skipped ({name})" for name, n in (s.get("overlong_skipped") or {}).items()]
+        if s.get("truncated_examples"):
+            parts.append(f"{s['truncated_examples']} training examples cut prompt-side to fit")
+        if parts:
+            out[str(f.parent.relative_to(run_dir))] = ", ".join(parts)
+    return out
 
 
 def write_report(run_dir: Path, cfg: LoopConfig | None = None) -> Path:

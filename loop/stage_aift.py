@@ -15,7 +15,7 @@ from engine.sampler import SamplingParams
 from . import prompts as P
 from .config import LoopConfig
 from .eval import score_histogram
-from .generation import generate_records
+from .generation import generate_records, read_skipped
 from .judge import fill_template, mean_score, parse_score
 from .pairs import PairRules, build_pairs
 from .records import read_jsonl, stable_seed, write_jsonl
@@ -146,13 +146,15 @@ def judge_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str,
     by_target: dict[str, list] = {}
     for j in judgments:
         by_target.setdefault(j["target_id"], []).append(j["score"])
-    write_jsonl(work / "scores.jsonl", ({"id": r["id"], "prompt_id": r["prompt_id"], "scores": by_target[r["id"]],
-                                         "mean": mean_score(by_target[r["id"]])} for r in responses))
+    # a response whose judge input was over-long has no judgments: no score
+    write_jsonl(work / "scores.jsonl", ({"id": r["id"], "prompt_id": r["prompt_id"],
+                                         "scores": by_target.get(r["id"], []),
+                                         "mean": mean_score(by_target.get(r["id"], []))} for r in responses))
     scores = [j["score"] for j in judgments]
     parsed = sum(s is not None for s in scores)
     summary = {"judgments": len(scores), "parsed": parsed, "parse_rate": parsed / len(scores) if scores else 0.0,
                "histogram": score_histogram(scores),
-               "responses_without_score": sum(mean_score(v) is None for v in by_target.values())}
+               "responses_without_score": sum(mean_score(by_target.get(r["id"], [])) is None for r in responses)}
     log(dist, f"iter {iteration} judge: parse rate {summary['parse_rate']:.3f}, histogram {summary['histogram']}")
     return summary
 
@@ -165,7 +167,10 @@ def make_pairs(cfg: LoopConfig, *, prompts_path: Path, responses_path: Path, sco
     pc = cfg.pairs
     rules = PairRules(min_scored=pc.min_scored, length_control=pc.length_control, length_margin=pc.length_margin,
                       min_gap=pc.min_gap)
-    pairs, outcomes, reasons = build_pairs(prompts, responses, scores, rules)
+    prompt_of = {r["id"]: r["prompt_id"] for r in responses}
+    overlong = frozenset([k["request_id"] for k in read_skipped(responses_path)] +
+                         [prompt_of[k["request_id"]] for k in read_skipped(scores_path.with_name("judgments.jsonl"))])
+    pairs, outcomes, reasons = build_pairs(prompts, responses, scores, rules, overlong)
     finish = {r["id"]: r.get("finish_reason", "stop") for r in responses}
     for p in pairs:
         p["chosen_finished"] = finish[p["chosen_id"]] == "stop"

@@ -1,5 +1,6 @@
-"""Evaluation stage (7) for one model: held-out generations, AlpacaEval export, the model as a reward
-model on eft_eval (paper Table 4), and, when the data source has one, ground-truth grades.
+"""Evaluation stage (7) for one model: generations on the held-out prompts (or the user's eval.prompts_path),
+AlpacaEval export, the model as a reward model on eft_eval (paper Table 4), ground-truth grades when the
+data source has a grader, and the pairwise head to head against earlier models (loop/pairwise.py).
 
 The grader is only ever passed here (and to seed building), never to the AIFT stages.
 """
@@ -15,23 +16,42 @@ from .eval import export_alpaca_eval, head_to_head, length_stats, reward_model_m
 from .generation import generate_records
 from .judge import mean_score
 from .prompts import chat_ids
-from .records import read_jsonl, stable_seed, write_jsonl
+from .pairwise import judge_match, load_pairwise_template, match_summary
+from .records import RecordError, iter_jsonl, read_jsonl, stable_seed, write_jsonl
 from .stage_aift import judge_records
+
+
+def load_eval_prompts(path: Path) -> list[dict]:
+    """{"id", "prompt", "dataset"?} from the held-out eval prompts or a user's set (eval.prompts_path):
+    JSONL with "prompt" or AlpacaEval's "instruction"; "id" defaults to the line number, which is
+    stable for a given file."""
+    out, seen = [], set()
+    for lineno, r in iter_jsonl(path):
+        text = r.get("prompt", r.get("instruction"))
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError(f"{path}:{lineno}: needs a non-empty string field prompt (or instruction)")
+        rid = str(r.get("id", f"line{lineno}"))
+        if rid in seen:
+            raise RecordError(f"{path}:{lineno}: duplicate id {rid!r}")
+        seen.add(rid)
+        out.append({"id": rid, "prompt": text, **({"dataset": r["dataset"]} if "dataset" in r else {})})
+    return out
 
 
 def eval_model(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, eval_prompts_path: Path,
                eft_eval_path: Path | None, judge_template: str, work: Path, grader=None) -> dict:
     ec = cfg.eval
-    prompts = read_jsonl(eval_prompts_path, ("id", "prompt"))
+    prompts = load_eval_prompts(eval_prompts_path)
     requests = [{"id": p["id"], "ids": chat_ids(tok, p["prompt"]), "seed": stable_seed(cfg.run.seed, "eval", p["id"])}
                 for p in prompts]
     params = SamplingParams(temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens,
                             stop_token_ids=tuple(tok.stop_ids))
-    text_of = {p["id"]: p["prompt"] for p in prompts}
+    by_id = {p["id"]: p for p in prompts}
 
     def record(req, c, rid):
-        return {"id": rid, "prompt": text_of[req["id"]], "text": c.text, "num_tokens": len(c.token_ids),
-                "finish_reason": c.finish_reason}
+        p = by_id[req["id"]]
+        return {"id": rid, "prompt": p["prompt"], "text": c.text, "num_tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason, **({"dataset": p["dataset"]} if "dataset" in p else {})}
 
     gens = generate_records(sampler, dist, requests, params, work / "generations.jsonl",
                             chunk_size=cfg.run.chunk_size, make_record=record, desc=f"eval {name}: generate")
@@ -74,13 +94,36 @@ def eval_model(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, eval_pro
 
 
 def head_to_head_from_grades(grades_a: Path, grades_b: Path) -> dict:
-    """Win rate of model A over B on the same prompts from a pointwise judge's scores.
+    """Win rate of model A over B on the same prompts from the ground-truth grader's scores.
 
-    A pointwise judge sees one response at a time, so its verdicts in the two presentation orders
-    coincide; both orders still go through head_to_head so a pairwise judge can replace it unchanged."""
+    The grader is pointwise and deterministic: it never sees the two answers together, so there is no
+    presentation order and one verdict per prompt is the whole result ("orders": 1). The pairwise
+    judge (loop/pairwise.py) is the one judged in both orders."""
     a = {g["id"]: g["score"] for g in read_jsonl(grades_a, ("id", "score"))}
     b = {g["id"]: g["score"] for g in read_jsonl(grades_b, ("id", "score"))}
-    ids = sorted(set(a) & set(b))
-    ab = [verdict(a[i], b[i]) for i in ids]
-    ba = [-verdict(b[i], a[i]) for i in ids]
-    return head_to_head(ab, ba)
+    verdicts = [verdict(a[i], b[i]) for i in sorted(set(a) & set(b))]
+    return {**head_to_head(verdicts, verdicts), "orders": 1}
+
+
+def pairwise_matches(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, work: Path,
+                     opponents: dict[str, Path], judge: str) -> dict:
+    """name's eval answers (work/generations.jsonl) against each opponent's generations file, judged
+    pairwise by `sampler` in both orders -> work/pairwise_<opponent>.jsonl and {opponent: summary}."""
+    ec = cfg.eval
+    template = load_pairwise_template(ec.pairwise_template)
+    mine = read_jsonl(work / "generations.jsonl", ("id", "prompt", "text"))
+    out = {}
+    for opp, path in opponents.items():
+        theirs = {g["id"]: g["text"] for g in read_jsonl(path, ("id", "text"))}
+        prompts = [{"id": g["id"], "prompt": g["prompt"]} for g in mine if g["id"] in theirs]
+        out_path = work / f"pairwise_{opp}.jsonl"
+        records = judge_match(sampler, tok, dist, template=template, prompts=prompts,
+                              answers_a={g["id"]: g["text"] for g in mine}, answers_b=theirs, out_path=out_path,
+                              run_seed=cfg.run.seed, stage=f"eval {name}: pairwise vs {opp}",
+                              temperature=ec.judge_temperature,
+                              top_p=1.0 if ec.judge_temperature == 0 else cfg.judge.top_p,
+                              max_new_tokens=cfg.judge.max_new_tokens, chunk_size=cfg.run.chunk_size)
+        if dist.is_main:
+            write_jsonl(out_path, records)
+            out[opp] = {"judge": judge, **match_summary(records, [p["id"] for p in prompts])}
+    return out

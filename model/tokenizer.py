@@ -195,6 +195,13 @@ def _build(backend, ids: dict, add_bos: bool, template_text: str | None, overrid
         name = override
     elif detected is not None:
         name = detected
+    elif template_text in chat_templates.TEMPLATES:  # a bare name, as this engine's own exports may hold
+        name = template_text
+    elif template_text:
+        # a format we cannot render (Gemma, Phi, ...): guessing one would train on the wrong markers
+        raise TokenizerError(source, "the checkpoint's chat template is not one the engine recognises (built in: "
+                             f"{', '.join(chat_templates.TEMPLATES)}); name the format to use with chat_template= "
+                             "(model.chat_template in a loop config)")
     elif backend.token_id("<|im_start|>") is not None:
         name = "chatml"
     elif backend.token_id("<|start_header_id|>") is not None:

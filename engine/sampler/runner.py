@@ -4,6 +4,8 @@ Owns the per-layer KV caches ([num_blocks, block_size, Hkv, D] for the Triton de
 [Hkv, num_blocks, block_size, D] for the torch path) and the PagedAttention backend. The model
 is the training Llama, called with B=1, T=all tokens of the step and per-token positions; logits are
 computed only for the rows that sample (the last token of each sequence with nothing left to compute).
+A tensor-parallel shard (engine/sampler/tensor_parallel.py) is such a Llama with this rank's head counts in
+model.config, so the caches below hold only its KV heads; its local logits are gathered along the vocab.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, attention_impl: str = "auto",
                  cuda_graphs: bool = True, max_num_seqs: int = 256):
         self.model = model
+        self.tp = getattr(model, "tp", None)  # TPState of a tensor-parallel shard, else None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -99,10 +102,15 @@ class ModelRunner:
         if not sampling:
             return sampling, None
         rows_t = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        logits = F.linear(hidden[rows_t], self.model.output_weight)
+        logits = self.logits(hidden[rows_t])
         if logits.dtype != torch.float64:
             logits = logits.float()
         return sampling, logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, H] final hidden states -> [S, V] logits in the model dtype (the full vocab on every TP rank)."""
+        logits = F.linear(hidden, self.model.output_weight)
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def _dense_plan(self, decode: list[tuple[Sequence, int]]):
         """("step" | "build" | None, cap, state to remember): step when the decode batch is last step's,
@@ -163,7 +171,7 @@ class DecodeGraphs:
                                       decode_block_tables=b["tables"][:bs], decode_context_lens=b["ctx"][:bs])
         hidden = r.model(b["ids"][None, :bs], positions=b["pos"][None, :bs], attn_backend=r.backend,
                          return_hidden=True)[0]
-        return F.linear(hidden, r.model.output_weight)
+        return r.logits(hidden)
 
     def _capture(self, bs: int):
         side = torch.cuda.Stream()

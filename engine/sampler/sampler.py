@@ -6,6 +6,10 @@ kept until release(). Under ZeRO-3, gather once per generation phase and sample 
 weights, e.g. `with GatheredParameters(params): s = Sampler(module); s.generate(...); s.release()`.
 Cached prefixes and CUDA graphs are dropped automatically when the weights change between calls.
 
+A tensor-parallel shard (engine/sampler/tensor_parallel.py) works the same on every rank of its group: the
+KV cache is sized by the shard's own heads, the block count is the group's minimum, and the group's first
+rank's sampled tokens are broadcast each step, so the ranks' schedules can never drift apart.
+
 Every sequence also stops at the model's eos_token_id and the tokenizer's stop_ids, on top of
 SamplingParams.stop_token_ids. A sequence that reaches the context window ends with "length".
 """
@@ -63,10 +67,17 @@ class Sampler:
                  max_num_seqs: int = 256, max_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
                  attention_impl: str = "auto", cuda_graphs: bool = True):
         self.model = model
-        self.config = model.config
+        self.tp = getattr(model, "tp", None)  # TPState of a tensor-parallel shard, else None
+        # The full model's config (vocab, context, eos); model.config of a shard has its local head counts.
+        self.config = model.config if self.tp is None else self.tp.config
         self.tokenizer = tokenizer
         param = next(model.parameters())
-        num_blocks = num_blocks_for(self.config, kv_memory, block_size, param.dtype, param.device, max_num_seqs)
+        num_blocks = num_blocks_for(model.config, kv_memory, block_size, param.dtype, param.device, max_num_seqs)
+        if self.tp is not None:
+            # Free memory differs per rank, but the ranks must schedule identically (same blocks).
+            num_blocks = self.tp.agree_min(num_blocks, param.device)
+            # Capturing the per-layer NCCL all-reduces in CUDA graphs is not verified yet: eager decode under TP.
+            cuda_graphs = False
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size, attention_impl, cuda_graphs, max_num_seqs)
@@ -131,7 +142,10 @@ class Sampler:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
                  progress: bool = False) -> list[Completion]:
         prompts = self._encode(prompts)
-        if self._current_weights_key() != self._weights_key:
+        changed = self._current_weights_key() != self._weights_key
+        if self.tp is not None:  # the prefix cache steers scheduling: drop it on every rank or none
+            changed = self.tp.agree_min(int(not changed), self.runner.device) == 0
+        if changed:
             self.reset_prefix_cache()  # cached K/V and captured graphs belong to the old weights
         if params is None:
             params = SamplingParams()
@@ -184,6 +198,11 @@ class Sampler:
                 if not sampling:
                     continue
                 tokens, logprobs = self._sample(sampling, logits)
+                if self.tp is not None:
+                    # Same logits and seeds would give the same tokens, but unseeded requests draw a seed per
+                    # rank and all-reduce results are not promised bitwise equal everywhere: one diverging
+                    # token would desynchronize the schedules and hang the collectives. One small broadcast.
+                    tokens, logprobs = self.tp.broadcast_tokens(tokens, logprobs, logits.device)
                 generated += len(tokens)
                 for k, (seq, tok) in enumerate(zip(sampling, tokens)):
                     seq.token_ids.append(tok)

@@ -33,7 +33,10 @@ def _first_turns_from_trees(records: list[tuple[int, dict]], path) -> list[dict]
         root = tree.get("prompt")
         if not isinstance(root, dict) or "message_id" not in root:
             raise RecordError(f"{path}:{lineno}: tree has no \"prompt\" message with a message_id")
-        turns.append({"root": root, "replies": [r for r in root.get("replies") or [] if r.get("role") == "assistant"]})
+        replies = [r for r in root.get("replies") or [] if isinstance(r, dict) and r.get("role") == "assistant"]
+        if any("message_id" not in r for r in replies):
+            raise RecordError(f"{path}:{lineno}: a reply of tree {root['message_id']!r} has no message_id")
+        turns.append({"root": root, "replies": replies})
     return turns
 
 

@@ -54,11 +54,11 @@ class World:
     def seed_instructions(self) -> set[str]:
         return {r["prompt"] for records in self.seed_records().values() for r in records}
 
-    def build_m0(self, cache_dir: str | Path, log=print) -> tuple[Path, Path]:
+    def build_m0(self, cache_dir: str | Path, log=print, metrics=None) -> tuple[Path, Path]:
         from .m0 import build_m0
 
         template = self.judge_template_path.read_text(encoding="utf-8")
-        return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log)
+        return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log, metrics=metrics)
 
     @staticmethod
     def is_valid_prompt(text: str) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.progress import Progress
 from model.checkpoint import save_pretrained
 from model.llama import Llama
 
@@ -66,8 +67,11 @@ def _lr_at(step: int, cfg: WorldConfig) -> float:
 
 
 def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=print,
-             device: str | torch.device = "cpu") -> tuple[Llama, list[dict]]:
-    """Train a fresh Llama on `rows` ([R, seq_len + 1] token ids) for cfg.pretrain_steps steps."""
+             device: str | torch.device = "cpu", metrics=None) -> tuple[Llama, list[dict]]:
+    """Train a fresh Llama on `rows` ([R, seq_len + 1] token ids) for cfg.pretrain_steps steps.
+
+    Progress: a bar on a terminal, else a `log` line every log_every steps (engine/progress.py);
+    metrics (an engine.metrics_log.StageMetrics) gets a record at those steps (1-based)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Llama(cfg.model_config()).init_weights(cfg.init_std, gen).to(device)
     model.train()
@@ -76,7 +80,11 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.pretrain_weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.pretrain_lr, betas=(0.9, 0.95))
     history = []
-    t0 = time.perf_counter()
+    t0 = t_window = time.perf_counter()
+    window_tokens = 0
+    progress = Progress(cfg.pretrain_steps, "m0 pretrain", enabled=log is not None, emit=log)
+    if metrics is not None:
+        metrics.begin(0)
     for step in range(cfg.pretrain_steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
@@ -87,19 +95,28 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        progress.advance()
+        window_tokens += x.numel()
         if step % log_every == 0 or step == cfg.pretrain_steps - 1:
-            elapsed = time.perf_counter() - t0
-            history.append({"step": step, "loss": round(loss.item(), 4), "elapsed_s": round(elapsed, 1)})
-            if log:
-                log(f"[m0] step {step}/{cfg.pretrain_steps} loss {loss.item():.3f} ({elapsed:.0f}s)")
+            now = time.perf_counter()
+            elapsed, value = now - t0, loss.item()
+            rate = window_tokens / max(now - t_window, 1e-9)
+            t_window, window_tokens = now, 0
+            history.append({"step": step, "loss": round(value, 4), "elapsed_s": round(elapsed, 1)})
+            if metrics is not None:
+                metrics.step({"step": step + 1, "loss": value, "lr": opt.param_groups[0]["lr"],
+                              "grad_norm": grad_norm.item(), "tokens_per_s": rate})
+            progress.report(f"[m0] step {step}/{cfg.pretrain_steps} loss {value:.3f} ({elapsed:.0f}s)",
+                            loss=value, tok_s=round(rate))
+    progress.close()
     model.eval()
     return model.cpu(), history
 
 
 def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str], judge_template: str,
-             log=print) -> tuple[Path, Path]:
+             log=print, metrics=None) -> tuple[Path, Path]:
     """(checkpoint_dir, tokenizer_path) of M0 for this config, built once and then reused."""
     import sentencepiece as spm
 
@@ -114,7 +131,7 @@ def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str],
                                cfg.tokenizer_vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     rows = _pack(docs, sp, cfg.pretrain_seq_len)
-    model, history = pretrain(cfg, rows, log=log)
+    model, history = pretrain(cfg, rows, log=log, metrics=metrics)
     save_pretrained(model, ckpt, tokenizer_dir=tok_path)
     summary = {"config": cfg.to_dict(), "corpus_rows": rows.shape[0], "corpus_tokens": rows.numel(),
                "params": cfg.model_config().num_params(), "wall_s": round(time.perf_counter() - t0, 1),
