@@ -89,7 +89,7 @@ def tables(runs: dict[int, dict], walls: dict[int, float | None]) -> str:
             if name not in h2h_names:
                 h2h_names.append(name)
     if h2h_names:
-        lines += ["", "| head-to-head (ground truth, both orders) | win % | loss % | tie % |", "|---|---|---|---|"]
+        lines += ["", "| head-to-head (ground truth: one deterministic verdict per prompt) | win % | loss % | tie % |", "|---|---|---|---|"]
         for name in h2h_names:
             cells = [mean_spread([_get(data["head_to_head"].get(name), (k,)) for data in runs.values()])
                      for k in ("win", "loss", "tie")]
