@@ -18,6 +18,8 @@ import torch
 from model.config import LlamaConfig
 from model.weight_loading import CheckpointReader
 
+from .zero3 import each_full_parameter
+
 
 @dataclass(frozen=True)
 class HandoffRequest:
@@ -65,7 +67,7 @@ def _gathered_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def collect(each_full_parameter, model: torch.nn.Module, export_dtype: torch.dtype, config: LlamaConfig,
+def collect(model: torch.nn.Module, export_dtype: torch.dtype, config: LlamaConfig,
             request: HandoffRequest | None, export: dict | None) -> HandedOff | None:
     """One pass over the full parameters: export[name] (CPU, export_dtype) where export is a dict (rank
     0), and this rank's sampler tensors when request is given. Collective: every rank calls it (the
@@ -91,7 +93,7 @@ def collect(each_full_parameter, model: torch.nn.Module, export_dtype: torch.dty
             dtype = request.dtype or export_dtype
             kept[name] = t.to(device=request.device or full.device, dtype=dtype, copy=gathered)
 
-    each_full_parameter(visit)
+    each_full_parameter(model, visit)
     if request is None:
         return None
     return HandedOff(config=config, tensors=kept, seconds=time.perf_counter() - t0, peak_gathered_bytes=peak,

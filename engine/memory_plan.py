@@ -161,7 +161,7 @@ def training_bytes(c: LlamaConfig, n: ParamCounts, stage: Stage) -> dict[str, in
 def host_bytes_per_node(n: ParamCounts, stage: Stage, gpus: int) -> int:
     """CPU memory on one node: ZeRO-Offload's fp32 master, Adam m, v, the bf16 grad partitions and one
     fp32 sub-group gradient per rank, each process's own footprint, and (node 0) the bf16 export copy that
-    engine/zero3.gathered_state_dict builds on rank 0."""
+    the export/hand-off walk (engine/handoff.py) builds on rank 0."""
     per_rank = HOST_PER_RANK
     if stage.cfg.offload_optimizer:
         shard = n.total // stage.world

@@ -1,7 +1,8 @@
 """Two ways to run the same PolicyLoss: DeepSpeed (ZeRO 0-3, any world size) or plain torch (one process).
 
 Both expose one surface to the trainer: forward, backward(objective share), step (every micro-batch;
-the optimizer moves at accumulation boundaries), lr, save/load, full_state_dict. The torch runner is
+the optimizer moves at accumulation boundaries), lr, save/load, and `.module.model` for the export and
+hand-off walk (engine/handoff.py). The torch runner is
 the parity reference for the ZeRO-3 tests, the 1-process default on CPU (no ZeRO bookkeeping for a
 world that has nothing to shard), and the GPU path where DeepSpeed is not installed.
 
@@ -26,9 +27,11 @@ from .distributed import Dist
 from .ds_config import build_ds_config
 from .schedule import CosineSchedule
 from .steps import PolicyLoss
-from .zero3 import build_partitioned, each_full_parameter, gathered_state_dict
+from .zero3 import build_partitioned
 
 LATEST = "latest"
+# the number of ranks that wrote a checkpoint: its partitions and RNG streams belong to that world size
+WORLD_FILE = "world_size"
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -163,6 +166,7 @@ class TorchRunner:
         state = {"model": {n: w.detach() for n, w in zip(names, weights)}, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "client": client_state, "rng": rng_state()}
         _atomic_save(state, ckpt_dir / f"{tag}.pt")
+        _atomic_text("1", ckpt_dir / WORLD_FILE)
         _atomic_text(tag, ckpt_dir / LATEST)
 
     def load(self, ckpt_dir: Path) -> dict | None:
@@ -192,9 +196,6 @@ class TorchRunner:
 
     def full_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", dtype, copy=True) for n, p in self.module.model.named_parameters()}
-
-    def each_full_parameter(self, visit) -> None:
-        each_full_parameter(self.module.model, visit)
 
 
 class DeepSpeedRunner:
@@ -250,6 +251,7 @@ class DeepSpeedRunner:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         if self.dist.is_main:
+            _atomic_text(str(self.dist.world_size), ckpt_dir / WORLD_FILE)
             _atomic_text(tag, ckpt_dir / LATEST)
 
     def load(self, ckpt_dir: Path) -> dict | None:
@@ -269,12 +271,6 @@ class DeepSpeedRunner:
             for d in ckpt_dir.glob("step*"):
                 if d.is_dir() and d.name != keep_tag:
                     shutil.rmtree(d, ignore_errors=True)
-
-    def full_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-        return gathered_state_dict(self.module.model, dtype, self.dist.rank)
-
-    def each_full_parameter(self, visit) -> None:
-        each_full_parameter(self.module.model, visit)
 
     def close(self) -> None:
         if hasattr(self.engine, "destroy"):

@@ -30,7 +30,7 @@ from .handoff import HandedOff, HandoffRequest, collect
 from .metrics import Throughput, format_mfu, mfu
 from .metrics_log import StageMetrics
 from .progress import Progress
-from .runners import DeepSpeedRunner, TorchRunner
+from .runners import WORLD_FILE, DeepSpeedRunner, TorchRunner
 from .steps import DPO_STATS, SFT_STATS, dpo_chunk_objective, dpo_objective, sft_chunk_objective, sft_objective
 from .zero3 import open_init
 
@@ -269,8 +269,6 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
         if checkpoint_due:
             runner.save(ckpt_dir, f"step{done}", {"step": done, "losses": losses, "metrics": metrics,
                                                   "fingerprint": fingerprint, "kind": kind})
-            if dist.is_main:
-                _atomic_world_size(ckpt_dir, world_size)
             runner.prune(ckpt_dir, f"step{done}")
         if on_step is not None:
             on_step(done)
@@ -282,8 +280,7 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
                overall.peak, dist.world_size)
     runner.train(False)
     state_dict = {} if dist.is_main else None
-    handed = collect(runner.each_full_parameter, runner.module.model, stage.dtype, stage.file_config, handoff,
-                     state_dict)
+    handed = collect(runner.module.model, stage.dtype, stage.file_config, handoff, state_dict)
     if dist.is_main:
         export_hf(state_dict, stage.file_config, init_dir, out_dir)
         log(dist, f"{kind}: exported {out_dir} ({rate:.0f} tokens/s, mfu {format_mfu(util)})")
@@ -296,15 +293,6 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
     gc.collect()
     return TrainResult(steps=total, losses=losses, metrics=metrics, tokens_per_s=rate, mfu=util, handoff=handed,
                        micro_batch=cfg.micro_batch)
-
-
-WORLD_FILE = "world_size"
-
-
-def _atomic_world_size(ckpt_dir: Path, world_size: int) -> None:
-    tmp = ckpt_dir / f".{WORLD_FILE}.tmp"
-    tmp.write_text(str(world_size))
-    os.replace(tmp, ckpt_dir / WORLD_FILE)
 
 
 def _restart_if_other_world(ckpt_dir: Path, world_size: int, dist: Dist, kind: str) -> None:

@@ -101,19 +101,6 @@ def each_full_parameter(model: nn.Module, visit) -> None:
             visit(name, param.detach(), is_partitioned(param))
 
 
-def gathered_state_dict(model: Llama, dtype: torch.dtype, rank: int) -> dict[str, torch.Tensor] | None:
-    """The full weights as CPU tensors of `dtype` on rank 0 (None elsewhere); rank 0 ends holding the
-    export copy."""
-    out = {} if rank == 0 else None
-
-    def keep(name, tensor, gathered):
-        if out is not None:
-            out[name] = tensor.to("cpu", dtype, copy=True)
-
-    each_full_parameter(model, keep)
-    return out
-
-
 @contextlib.contextmanager
 def full_weights(model: Llama):
     """Sampler hand-off: every rank holds the full weights inside the block; released on exit.
