@@ -4,7 +4,7 @@ setup(
     name="selfreward",
     version="0.1.0",
     description="Self-Rewarding Language Models: a performance-engineered training engine",
-    packages=["model", "kernels", "engine", "engine.sampler", "loop", "loop.world", "loop.data", "bench"],
+    packages=["common", "model", "kernels", "engine", "engine.sampler", "loop", "loop.world", "loop.data", "bench"],
     package_data={"loop": ["templates/*.txt"], "loop.world": ["*.txt"]},
     python_requires=">=3.10",
     # torch is deliberately not pinned here: GPU users bring their own build.
@@ -20,10 +20,12 @@ setup(
         "matplotlib",
         "tqdm",
         "pyyaml",
+        "jinja2",  # a checkpoint's own chat_template is rendered as transformers does
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "accelerate", "hypothesis", "tensorboard", "wandb"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "accelerate", "hypothesis", "tensorboard", "wandb", "datasets"],
         "log": ["tensorboard", "wandb"],  # run.log_to: [tensorboard, wandb]
+        "data": ["datasets"],  # data.source: hf (save_to_disk directories, parquet)
         "gpu": ["flash-attn"],
     },
 )

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common.atomic import atomic_write_text  # noqa: E402
+
 # (label, path into an eval summary)
 MODEL_METRICS = (
     ("GT mean score", ("grader", "mean_score")),
@@ -125,12 +127,9 @@ def main(argv=None) -> int:
     text = tables(runs, walls)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(f"# Evidence: the embedded default over {len(runs)} seeds\n\n"
+        atomic_write_text(args.out, f"# Evidence: the embedded default over {len(runs)} seeds\n\n"
                        f"Config: {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}"
                        f"{' ' + ' '.join(args.overrides) if args.overrides else ''}\n\n{text}\n")
-        os.replace(tmp, args.out)
     return 0
 
 

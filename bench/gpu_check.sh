@@ -25,7 +25,7 @@ step() {  # name, time limit (s), command...
 
 step kernel_tests 150 $py -m pytest -q -p no:cacheprovider tests/test_kernels_linear_logprobs.py \
   tests/test_kernels_sequence_objective.py \
-  tests/test_kernels_dpo_loss.py tests/test_paged_attention_kernel.py
+  tests/test_paged_attention_kernel.py
 # The sampler's CUDA path (Triton decode kernel + CUDA graphs) against a no-cache greedy reference.
 step sampler_cuda_test 90 $py -m pytest -q -p no:cacheprovider tests/test_sampler.py -k cuda
 step bench_dpo_logprobs 150 $py bench/dpo_logprobs.py --device cuda

@@ -79,7 +79,7 @@ def train_fit(c, counts, cfg, kind, nodes, node: Node):
 
 def plan_config(path: Path) -> list[dict]:
     from loop.config import load_config
-    from model.config import ConfigError
+    from common.errors import ConfigError
 
     try:
         cfg = load_config(path)

@@ -32,7 +32,7 @@ from engine.config import TrainConfig  # noqa: E402
 from engine.data import PreferencePair, SFTExample, collate_pairs, collate_sft  # noqa: E402
 from engine.distributed import init_distributed  # noqa: E402
 from engine.metrics import format_mfu, mfu, peak_flops  # noqa: E402
-from engine.steps import dpo_chunk_objective, dpo_objective, sft_chunk_objective, sft_objective  # noqa: E402
+from engine.objectives import DPOObjective, SFTObjective  # noqa: E402
 from model.config import LlamaConfig, preset  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.weight_loading import CheckpointReader  # noqa: E402
@@ -77,23 +77,20 @@ def naive_logps(model, b):
 
 def time_steps(runner, kind, batches, cfg, steps, warmup, path="fused objective"):
     """Seconds per optimizer step and tokens per step (real tokens)."""
-    global_tokens = sum(b["num_tokens"] for b in batches)
-    pairs = cfg.global_batch
+    # the trainer's objectives (engine/objectives.py); DPO at the paper's defaults (sigmoid, beta 0.1)
+    objective = SFTObjective() if kind == "sft" else DPOObjective()
+    norm = sum(b["num_tokens"] for b in batches) if kind == "sft" else cfg.global_batch
 
     def one_step():
         for b in batches:
             inputs = (b["input_ids"], b["targets"], b["mask"])
-            args = (b.get("ref_logps"), b.get("num_pairs"), pairs, cfg, cfg.kernel_impl)
             if path == "fused objective":
-                chunk = ((sft_chunk_objective(global_tokens), None) if kind == "sft"
-                         else dpo_chunk_objective(*args))
-                objective = runner.forward(*inputs, *chunk)[0]
+                value = runner.forward(*inputs, *objective.chunk(b, norm))[0]
             else:
                 logp_sum, count = (runner.forward(*inputs) if path == "log-prob op"
                                    else naive_logps(runner.module.model, b))
-                objective = (sft_objective(logp_sum, global_tokens) if kind == "sft"
-                             else dpo_objective(logp_sum, count, *args))[0]
-            runner.backward(objective)
+                value = objective.loss(b, logp_sum, count, norm)
+            runner.backward(value)
             runner.step()
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() and batches[0]["input_ids"].is_cuda else (lambda: None)
@@ -109,7 +106,7 @@ def time_steps(runner, kind, batches, cfg, steps, warmup, path="fused objective"
 
 def bench_steps(device: str, config: LlamaConfig, cfg: TrainConfig, seq_len: int, prompt_len: int, steps: int,
                 warmup: int, dtype: torch.dtype, baseline: bool) -> list[dict]:
-    from engine.runners import TorchRunner
+    from engine.train_backends import TorchRunner
 
     dist = init_distributed(use_deepspeed=False)
     runner = TorchRunner(memory_reader(config, dist.device), cfg, dist, dtype, total_steps=10_000)
@@ -144,7 +141,7 @@ def bench_steps(device: str, config: LlamaConfig, cfg: TrainConfig, seq_len: int
 # --- ZeRO-3 memory: 2 ranks vs 1 (CPU, gloo) ---------------------------------------------------------
 def memory_worker(model_dir: str, out: str) -> None:
     """Under torchrun: build the DeepSpeed runner, take one step, report this rank's state bytes."""
-    from engine.runners import DeepSpeedRunner
+    from engine.train_backends import DeepSpeedRunner
     from engine.zero3 import open_init
 
     dist = init_distributed(use_deepspeed=True)
@@ -152,8 +149,8 @@ def memory_worker(model_dir: str, out: str) -> None:
     runner = DeepSpeedRunner(open_init(model_dir, 0.0), cfg, dist, torch.float32, total_steps=10)
     runner.train(True)
     b = make_batches("sft", cfg.replace(global_batch=2), runner.module.model.config.vocab_size, 64, 16, dist.device, 1)[0]
-    logp_sum, _ = runner.forward(b["input_ids"], b["targets"], b["mask"])
-    runner.backward(sft_objective(logp_sum, b["num_tokens"] * dist.world_size)[0])
+    logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"])
+    runner.backward(SFTObjective().loss(b, logp_sum, count, b["num_tokens"] * dist.world_size))
     runner.step()
     params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in runner.module.parameters())
     zero_opt = runner.engine.optimizer

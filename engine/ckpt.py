@@ -1,6 +1,6 @@
 """Stage outputs on disk: the resumable checkpoint's bookkeeping and the final HF export.
 
-The runners (engine/runners.py) write model, optimizer, scheduler and RNG state; this module decides
+The runners (engine/train_backends.py) write model, optimizer, scheduler and RNG state; this module decides
 what the trainer's own client state holds (step, loss history, a fingerprint of the data so a resume
 never continues on different data) and writes the HF checkpoint atomically: out_dir exists only
 when it is complete.
@@ -8,12 +8,13 @@ when it is complete.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from common.atomic import replace_dir
 
 from model.checkpoint import save_state_dict
 from model.config import LlamaConfig
@@ -68,9 +69,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: LlamaConfig, init_dir
         for f in sorted(init_dir.iterdir()) if init_dir.is_dir() else []:
             if f.is_file() and not f.name.startswith(".") and not _is_weights_or_config(f):
                 shutil.copyfile(f, model_dir / f.name)
-        if out_dir.exists():  # os.replace cannot land on a non-empty directory: move the old one aside
-            os.replace(out_dir, staging / "old")
-        os.replace(model_dir, out_dir)
+        replace_dir(model_dir, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -41,7 +41,7 @@ def init_distributed(use_deepspeed: bool | None = None) -> Dist:
     """Join (or create) the default process group; idempotent.
 
     use_deepspeed None means "if installed and there are several ranks": a world of one trains with
-    plain torch (engine/runners.py), so it need not pay DeepSpeed's comm setup (which compiles an op on
+    plain torch (engine/train_backends.py), so it need not pay DeepSpeed's comm setup (which compiles an op on
     CPU the first time). Without torchrun this is a world of one."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))

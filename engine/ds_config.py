@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from common.merge import deep_merge
+
 from .config import TrainConfig, TrainConfigError
 
 # Keys the data pipeline derives from TrainConfig; an override may repeat them but not change them.
@@ -60,11 +62,4 @@ def merge_override(config: dict, path: Path) -> dict:
         if key in override:
             raise TrainConfigError(f"{path}: {key!r} is set by the trainer (client AdamW + cosine schedule); "
                                    "remove it from the override")
-    return _deep_merge(config, override)
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
+    return deep_merge(config, override)

@@ -1,7 +1,7 @@
 """Per-GPU memory of a training stage and of the sampler, from the model's shape alone (meta device).
 
 Used by bench/memory_plan.py (the presets' table) and small enough for a startup check. Every term is
-bytes per GPU; the sources are this project's own code paths (engine/runners.py, engine/ds_config.py,
+bytes per GPU; the sources are this project's own code paths (engine/train_backends.py, engine/ds_config.py,
 kernels/sequence_objective.py, engine/sampler/) and DeepSpeed 0.19's ZeRO-3 defaults, which
 engine/ds_config.py does not override (prefetch bucket 5e7, max live parameters 1e9, reduce bucket 5e8,
 sub-group 1e9 elements).
@@ -118,7 +118,7 @@ def training_bytes(c: LlamaConfig, n: ParamCounts, stage: Stage) -> dict[str, in
     out: dict[str, int] = {}
     torch_runner = W == 1 and cfg.backend != "deepspeed" and not cfg.offload_optimizer
     if torch_runner:
-        # engine/runners.py TorchRunner: bf16 params + fp32 master + fp32 accumulated grads + AdamW m, v
+        # engine/train_backends.py TorchRunner: bf16 params + fp32 master + fp32 accumulated grads + AdamW m, v
         out["params (bf16)"] = 2 * P
         out["fp32 master + grad accum + Adam m, v"] = 16 * P
         step_extra = 2 * P + 4 * P  # at accumulation: the bf16 grads and their fp32 copies ([g.float() ...])
@@ -183,7 +183,7 @@ def generation_bytes(c: LlamaConfig, tp: int, max_num_seqs: int, max_batched_tok
     weights = max(count_params(s).total for s in shards) * elem
     local = max(shards, key=lambda s: s.n_kv_heads)
     block = 16  # engine/sampler Sampler's default block_size
-    blocks = max_num_seqs * -(-c.max_seq_len // block) + 1  # the most engine/sampler/sampler.num_blocks_for keeps
+    blocks = max_num_seqs * -(-c.max_seq_len // block) + 1  # the most engine/sampler/kv_sizing.num_kv_blocks keeps
     ffn = max(s.ffn_dim for s in shards)
     # a forward over max_batched_tokens: the gate/up/silu outputs and a few [T, H] streams, plus full
     # fp32 logits (gathered over the vocabulary) for every decoding sequence and their sampling copy

@@ -26,7 +26,9 @@ import secrets
 import shutil
 from pathlib import Path
 
-from model.config import ConfigError
+from common.atomic import atomic_write_text
+
+from common.errors import ConfigError
 
 SINKS = ("jsonl", "tensorboard", "wandb")
 METRICS_FILE = "metrics.jsonl"
@@ -158,10 +160,7 @@ class MetricsSink:
     def _rewrite(self, keep) -> None:
         if not self.path.is_file():
             return
-        lines = [json.dumps(r) + "\n" for r in read_metrics(self.path) if keep(r)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if keep(r)))
 
     # --- tensorboard --------------------------------------------------------------------------
     def _tb_dir(self, stage: str) -> Path:
@@ -188,9 +187,7 @@ class MetricsSink:
             id_file = self.run_dir / WANDB_ID_FILE
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             if not id_file.is_file():
-                tmp = id_file.with_name(f".{id_file.name}.tmp")
-                tmp.write_text(run_id)
-                os.replace(tmp, id_file)
+                atomic_write_text(id_file, run_id)
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "self-rewarding"), id=run_id,
                                      resume="allow", name=self.run_name, config=self.config,
                                      dir=os.environ.get("WANDB_DIR", str(self.run_dir)))

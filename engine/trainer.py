@@ -4,7 +4,8 @@ All ranks call these collectively (torchrun), or one process calls them alone. E
 checkpoint in init_dir (partitioned under zero.Init with DeepSpeed ZeRO-3), trains, and writes an
 HF checkpoint to out_dir atomically; resumable DeepSpeed checkpoints live in out_dir + ".ckpt".
 DPO never holds two models: the reference log-probs are computed first, in a separate pass with the
-init model, and stored in the pairs.
+init model, and stored in the pairs. One loop trains both: the loss is an engine/objectives.py
+Objective (its collate, its fused per-chunk objective, its stats); the loop never asks which.
 
 Per step the host does no device sync: losses stay on the device until a log or checkpoint step
 reduces all pending ones across ranks at once.
@@ -22,16 +23,15 @@ import torch
 import torch.distributed as torch_dist
 
 from .ckpt import check_resumable, ckpt_dir_for, data_fingerprint, export_hf
-from .config import TrainConfig, TrainConfigError
-from .data import (PreferencePair, SFTExample, collate_pairs, collate_sft, epoch_batches, example_length,
-                   rank_micro_batches)
+from .config import DPOConfig, TrainConfig, TrainConfigError
+from .data import PreferencePair, SFTExample, collate_pairs, epoch_batches, example_length, rank_micro_batches
 from .distributed import Dist, barrier, deepspeed_available, init_distributed, log, seed_everything
 from .handoff import HandedOff, HandoffRequest, collect
 from .metrics import Throughput, format_mfu, mfu
 from .metrics_log import StageMetrics
+from .objectives import DPOObjective, Objective, SFTObjective
 from .progress import Progress
-from .runners import WORLD_FILE, DeepSpeedRunner, TorchRunner
-from .steps import DPO_STATS, SFT_STATS, dpo_chunk_objective, dpo_objective, sft_chunk_objective, sft_objective
+from .train_backends import WORLD_FILE, DeepSpeedRunner, TorchRunner
 from .zero3 import open_init
 
 
@@ -101,23 +101,11 @@ def _runner(stage: Stage, total_steps: int, train: bool = True):
     return cls(stage.reader, stage.cfg, stage.dist, stage.dtype, total_steps, train=train)
 
 
-def _check_data(kind: str, data: Sequence, cfg: TrainConfig) -> None:
+def _check_data(objective: Objective, data: Sequence, cfg: TrainConfig) -> None:
     if len(data) < cfg.global_batch:
         raise TrainConfigError(f"train config: global_batch={cfg.global_batch} exceeds the {len(data)} "
-                               f"{kind} examples given")
-    want = SFTExample if kind == "sft" else PreferencePair
-    for i, item in enumerate(data):
-        if not isinstance(item, want):
-            raise TypeError(f"{kind} data item {i}: expected {want.__name__}, got {type(item).__name__}")
-        if kind == "dpo" and (item.ref_chosen is None or item.ref_rejected is None):
-            raise ValueError(f"preference pair {item.id!r} has no reference log-probs "
-                             "(run compute_reference_logprobs first)")
-
-
-def _target_count(prompt_len: int, total_len: int, max_len: int) -> int:
-    """Response tokens that count in the loss after cutting at max_len (matches data._rows)."""
-    n = min(total_len, max_len)
-    return max(0, n - 1 - max(prompt_len - 1, 0))
+                               f"{objective.kind} examples given")
+    objective.check(data)
 
 
 def _reduce(pending: list[torch.Tensor], dist: Dist) -> list[list[float]]:
@@ -136,23 +124,30 @@ def train_sft(init_dir, examples: Sequence[SFTExample], cfg: TrainConfig, out_di
     """Supervised fine-tuning on response tokens only. on_step(step) runs after each optimizer step;
     with handoff, the result carries this rank's sampler weights (engine/handoff.py); with sink,
     rank 0 logs one record per optimizer step there (engine/metrics_log.py)."""
-    return _train("sft", init_dir, list(examples), cfg, out_dir, resume, on_step, handoff, sink)
+    return _train(SFTObjective(), init_dir, list(examples), cfg, out_dir, resume, on_step, handoff, sink)
 
 
 def train_dpo(init_dir, pairs: Sequence[PreferencePair], cfg: TrainConfig, out_dir, *, resume: bool = True,
               on_step: Callable[[int], None] | None = None, handoff: HandoffRequest | None = None,
-              sink: StageMetrics | None = None) -> TrainResult:
-    """DPO (or IPO/hinge/robust; + RPO NLL) on pairs carrying precomputed reference log-probs."""
-    return _train("dpo", init_dir, list(pairs), cfg, out_dir, resume, on_step, handoff, sink)
+              sink: StageMetrics | None = None, candidates_dir=None, candidates_every: int = 0) -> TrainResult:
+    """DPO (or IPO/hinge/robust; + RPO NLL) on pairs carrying precomputed reference log-probs; the loss
+    is cfg.objective (a DPOConfig), or the paper's sigmoid DPO at beta 0.1 for a plain TrainConfig.
+    With candidates_dir, an HF checkpoint is also exported to candidates_dir/step<N> every
+    candidates_every steps before the last (checkpoint selection, loop/checkpoint_select.py)."""
+    objective = DPOObjective(cfg.objective if isinstance(cfg, DPOConfig) else None)
+    return _train(objective, init_dir, list(pairs), cfg, out_dir, resume, on_step, handoff, sink,
+                  candidates=(Path(candidates_dir), candidates_every) if candidates_dir and candidates_every else None)
 
 
-def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: bool, on_step,
-           handoff: HandoffRequest | None = None, sink: StageMetrics | None = None) -> TrainResult:
+def _train(objective: Objective, init_dir, data: list, cfg: TrainConfig, out_dir, resume: bool, on_step,
+           handoff: HandoffRequest | None = None, sink: StageMetrics | None = None,
+           candidates: tuple[Path, int] | None = None) -> TrainResult:
     init_dir, out_dir = Path(init_dir), Path(out_dir)
+    kind = objective.kind
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     configured = cfg.micro_batch
     cfg = for_world(cfg, world_size)
-    _check_data(kind, data, cfg)
+    _check_data(objective, data, cfg)
     stage = _prepare(init_dir, cfg)
     dist, ckpt_dir = stage.dist, ckpt_dir_for(out_dir)
     steps_per_epoch = len(data) // cfg.global_batch
@@ -183,11 +178,7 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
     progress = Progress(total, sink.name if sink is not None else kind, initial=start, enabled=dist.is_main,
                         emit=lambda line: log(dist, line))
 
-    if kind == "sft":
-        targets = [_target_count(len(x.prompt_ids), lengths[i], stage.max_len) for i, x in enumerate(data)]
-        seq_per_item, stat_names = 1, SFT_STATS
-    else:
-        targets, seq_per_item, stat_names = None, 2, DPO_STATS
+    seq_per_item, stat_names = objective.sequences_per_item, objective.stat_names
     real_len = [min(n, stage.max_len) * seq_per_item for n in lengths]  # tokens a forward really processes
     collate = dict(max_len=stage.max_len, pad_multiple=stage.pad_multiple, pad_id=0, device=dist.device)
     throughput = Throughput(stage.reader.config, dist.device, dist.world_size)
@@ -229,35 +220,18 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
             batches = epoch_batches(lengths, cfg.global_batch, cfg.seed, epoch, cfg.length_grouped)
         batch = batches[step % steps_per_epoch]
         pending_lrs.append(runner.lr())
-        global_targets = sum(targets[i] for i in batch) if targets is not None else 0
+        norm = objective.normaliser([data[i] for i in batch], stage.max_len)  # over all ranks' items
         step_stats = None
         for micro in rank_micro_batches(batch, cfg.micro_batch, dist.rank, dist.world_size):
-            items = [data[i] for i in micro]
-            if kind == "sft":
-                b = collate_sft(items, **collate)
-                if cfg.fused_objective:
-                    objective, _, _ = runner.forward(b["input_ids"], b["targets"], b["mask"],
-                                                     sft_chunk_objective(global_targets))
-                    stats = objective.detach().float().reshape(1).cpu()
-                else:
-                    logp_sum, _ = runner.forward(b["input_ids"], b["targets"], b["mask"])
-                    objective, stats = sft_objective(logp_sum, global_targets)
-            else:
-                b = collate_pairs(items, **collate)
-                args = (b["ref_logps"], len(items), cfg.global_batch, cfg, cfg.kernel_impl)
-                if cfg.fused_objective:
-                    objective, logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"],
-                                                                *dpo_chunk_objective(*args))
-                    with torch.no_grad():  # the logged stats, from the same (detached) sequence sums
-                        _, stats = dpo_objective(logp_sum, count, *args)
-                else:
-                    logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"])
-                    objective, stats = dpo_objective(logp_sum, count, *args)
-            runner.backward(objective)
-            norm = runner.step()  # the norm of the optimizer step that the last micro-batch completes
+            b = objective.collate([data[i] for i in micro], **collate)
+            chunk_objective, groups = objective.chunk(b, norm)
+            value, logp_sum, count = runner.forward(b["input_ids"], b["targets"], b["mask"], chunk_objective, groups)
+            stats = objective.stats(b, value, logp_sum, count, norm)
+            runner.backward(value)
+            grad_norm = runner.step()  # the norm of the optimizer step that the last micro-batch completes
             step_stats = stats if step_stats is None else step_stats + stats
         pending.append(step_stats)
-        pending_norms.append(norm if norm is not None else torch.tensor(float("nan")))
+        pending_norms.append(grad_norm if grad_norm is not None else torch.tensor(float("nan")))
         batch_tokens = sum(real_len[i] for i in batch)
         throughput.add(batch_tokens, len(batch) * seq_per_item)
         overall.add(batch_tokens, len(batch) * seq_per_item)
@@ -270,6 +244,13 @@ def _train(kind: str, init_dir, data: list, cfg: TrainConfig, out_dir, resume: b
             runner.save(ckpt_dir, f"step{done}", {"step": done, "losses": losses, "metrics": metrics,
                                                   "fingerprint": fingerprint, "kind": kind})
             runner.prune(ckpt_dir, f"step{done}")
+        if candidates is not None and done % candidates[1] == 0 and done < total:
+            # A collective walk over the partitions, as the final export; rank 0 writes the files.
+            candidate = {} if dist.is_main else None
+            collect(runner.module.model, stage.dtype, stage.file_config, None, candidate)
+            if dist.is_main:
+                export_hf(candidate, stage.file_config, init_dir, candidates[0] / f"step{done}")
+            del candidate
         if on_step is not None:
             on_step(done)
     flush(total)

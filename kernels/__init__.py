@@ -1,8 +1,7 @@
-"""Fused GPU kernels (Triton) with plain-torch twins for the DPO log-prob and loss path."""
-from kernels.dpo_loss import LOSS_TYPES, dpo_loss
+"""Fused GPU kernels (Triton) with plain-torch twins for the log-prob and training-objective path."""
 from kernels.linear_logprobs import linear_logprobs
 from kernels.sequence_logprobs import SequenceLogprobs, sequence_logprobs
 from kernels.sequence_objective import Objective, SequenceObjective, sequence_objective
 
-__all__ = ["LOSS_TYPES", "Objective", "SequenceLogprobs", "SequenceObjective", "dpo_loss", "linear_logprobs",
-           "sequence_logprobs", "sequence_objective"]
+__all__ = ["Objective", "SequenceLogprobs", "SequenceObjective", "linear_logprobs", "sequence_logprobs",
+           "sequence_objective"]

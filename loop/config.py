@@ -2,8 +2,8 @@
 
 Loaded from a YAML file (presets in configs/) plus `section.key=value` overrides from the command
 line; unknown keys, wrong types and impossible values are one-line errors naming the key.
-The sft/dpo sections are engine.config.TrainConfig, the data.world section goes to loop.world's
-WorldConfig unchanged (validated when the world is built).
+The sft section is engine.config.TrainConfig, dpo is DPOConfig (TrainConfig + its objective section,
+dpo.objective.*), the data.world section goes to loop.world's WorldConfig unchanged (validated when the world is built).
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import TrainConfig, dpo_config, sft_config
+from common.errors import ConfigError
+from common.merge import deep_merge
+from engine.config import DPOConfig, TrainConfig, dpo_config, moved_key_message, sft_config
 from engine.metrics_log import SINKS
-from model.config import ConfigError
 
 
 class LoopConfigError(ConfigError):
@@ -44,7 +45,7 @@ class RunConfig:
 class ModelConfig:
     init: str = "world"  # M0: "world" (the embedded world pretrains it) or an HF/Meta/.gguf checkpoint path
     tokenizer: str | None = None  # None: the tokenizer stored with the checkpoint
-    chat_template: str | None = None  # llama2 | llama3 | chatml; None: the tokenizer's own
+    chat_template: str | None = None  # llama2 | llama3 | chatml (built in); None: the checkpoint's Jinja, else llama2
     dtype: str | None = None  # sampler dtype; None = the sampler's default
     kv_memory: float = 0.3  # sampler KV cache: a fraction (0, 1] of free device memory, or bytes (> 1)
     max_num_seqs: int = 256  # sequences the sampler decodes at once
@@ -56,13 +57,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "world"  # "world" (embedded CPU world) | "oasst" (oasst1 export at oasst_path)
+    # "world" (embedded CPU world) | "oasst" (oasst1 export at oasst_path) | "jsonl" (JSONL files) | "hf" (datasets
+    # save_to_disk directories or .parquet files); jsonl and hf read ift_path, eft_path, eft_eval_path, eval_path
+    source: str = "world"
     oasst_path: str | None = None  # the oasst1 export, for source = "oasst"
+    ift_path: str | None = None  # jsonl/hf: IFT rows (messages, or prompt/completion); required for those sources
+    eft_path: str | None = None  # jsonl/hf: EFT rows (README "Your own data"); None: M1 is SFT on IFT only
+    # jsonl/hf: held-out EFT rows, the judge's reward metrics; None: eft_eval_fraction of eft_path's groups
+    eft_eval_path: str | None = None
+    eval_path: str | None = None  # jsonl/hf: eval prompts (messages or prompt); None needs eval.prompts_path
     ift_size: int = 3200  # OASST: instruction-following (IFT) seed examples
     eft_prompts: int = 1000  # OASST prompts with several ranked responses sent to the EFT builder
     eval_prompts: int = 256  # OASST: held-out prompts for evaluation
-    eft_eval_fraction: float = 0.25  # OASST: share of the EFT examples held out to measure the judge
-    eft_cap_ratio: float = 1.0  # most common EFT score capped at this x the second most common's count
+    eft_eval_fraction: float = 0.25  # OASST, jsonl/hf without eft_eval_path: EFT groups held out to measure the judge
+    eft_cap_ratio: float = 1.0  # OASST: most common EFT score capped at this x the second most common's count
     world: dict = field(default_factory=dict)  # WorldConfig fields, for source = "world"
     world_cache_dir: str = ".cache/world"  # pretrained world M0s, keyed by world config hash (shared by runs)
     # World only: per EFT-train instruction, this many responses sampled from the SFT baseline and labelled
@@ -114,6 +122,41 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class MetaConfig:
+    # Meta-Rewarding (loop/meta_judge.py): the model also compares pairs of its own judgments of a response
+    # (stage 3m_meta_judge), and DPO trains on judge pairs beside the actor pairs. Off: the paper's loop.
+    enabled: bool = False
+    # Share of DPO's pairs that are judge pairs (at most; fewer when fewer are built). The Meta-Rewarding
+    # paper states none that this project holds; 0.15 is NeMo-Aligner's example (meta_judge_pcnt).
+    judge_share: float = 0.15
+    # Upper bound on judge_share: NeMo-Aligner saw a share above ~15% push the judge to always answer 5.
+    max_judge_share: float = 0.15
+    template: str = "meta_judge.txt"  # meta-judge prompt: a file in loop/templates or a path
+    temperature: float = 0.7  # sampling temperature of the meta-judgments
+    top_p: float = 0.9  # nucleus sampling of the meta-judgments
+    max_new_tokens: int = 256  # token budget of one meta-judgment (reasoning, then "Winner: Judgement A|B")
+    max_comparisons: int = 3  # pairs of judgments compared per response (each in both orders); K=3 has 3
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise LoopConfigError(f"loop config: meta.{key} {why}")
+
+        if not 0.0 < self.max_judge_share < 1.0:
+            bad("max_judge_share", "must be in (0, 1)")
+        if not 0.0 <= self.judge_share <= self.max_judge_share:
+            bad("judge_share", f"= {self.judge_share} must be in [0, meta.max_judge_share={self.max_judge_share}] "
+                "(a larger share pushes the judge toward always 5; raise meta.max_judge_share to allow it)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if self.max_new_tokens <= 0:
+            bad("max_new_tokens", "must be positive")
+        if self.max_comparisons <= 0:
+            bad("max_comparisons", "must be positive")
+
+
+@dataclass(frozen=True)
 class PairsConfig:
     min_scored: int = 2  # responses with a valid mean score needed to form a pair
     min_gap: float = 0.0  # drop pairs whose chosen - rejected score gap is <= this (0 = only exact ties)
@@ -142,6 +185,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    # Checkpoint selection (the paper): DPO also exports a candidate every select.every steps, and
+    # M(t+1) is the candidate whose answers on held-out validation prompts win most often against M(t)'s,
+    # judged pairwise in both orders (eval.pairwise_template) by eval.pairwise_judge or, when none is
+    # given, by M(t): one fixed judge for every candidate. Off: M(t+1) is the last step's weights.
+    enabled: bool = False
+    every: int = 0  # DPO steps between candidates; 0: dpo.checkpoint_every (the last step is always one)
+    prompts: int = 32  # validation prompts; the world draws fresh ones (none in the seed splits)
+    prompts_path: str | None = None  # JSONL {"id"?, "prompt"}: the validation set (needed unless data.source = world)
+    max_new_tokens: int = 0  # token budget of a validation answer; 0: eval.max_new_tokens
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,10 +205,12 @@ class LoopConfig:
     prompts: PromptGenConfig = field(default_factory=PromptGenConfig)
     responses: ResponseConfig = field(default_factory=ResponseConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     sft: TrainConfig = field(default_factory=sft_config)
-    dpo: TrainConfig = field(default_factory=dpo_config)
+    dpo: DPOConfig = field(default_factory=dpo_config)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,12 +241,25 @@ class LoopConfig:
         for name in self.run.log_to:
             if name not in SINKS:
                 bad("run.log_to", f"has {name!r}: unknown (known: {', '.join(SINKS)})")
-        if self.data.source not in ("world", "oasst"):
-            bad("data.source", f"is {self.data.source!r}: unknown (known: world, oasst)")
+        if self.data.source not in ("world", "oasst", "jsonl", "hf"):
+            bad("data.source", f"is {self.data.source!r}: unknown (known: world, oasst, jsonl, hf)")
         if self.data.source == "oasst" and not self.data.oasst_path:
             bad("data.oasst_path", "is required when data.source = oasst")
-        if self.data.source == "oasst" and self.model.init == "world":
-            bad("model.init", "must be a checkpoint path when data.source = oasst")
+        if self.data.source != "world" and self.model.init == "world":
+            bad("model.init", f"must be a checkpoint path when data.source = {self.data.source}")
+        user_paths = ("ift_path", "eft_path", "eft_eval_path", "eval_path")
+        if self.data.source in ("jsonl", "hf"):
+            if not self.data.ift_path:
+                bad("data.ift_path", f"is required when data.source = {self.data.source}")
+            if self.data.eft_eval_path and not self.data.eft_path:
+                bad("data.eft_eval_path", "needs data.eft_path (the EFT training rows)")
+            if self.eval.enabled and not self.data.eval_path and self.eval.prompts_path is None:
+                bad("data.eval_path", f"is required when data.source = {self.data.source} and eval.enabled "
+                    "(or set eval.prompts_path)")
+        else:
+            for name in user_paths:  # silently unused, a user would think their data went in
+                if getattr(self.data, name) is not None:
+                    bad(f"data.{name}", f"is only read when data.source = jsonl or hf (it is {self.data.source})")
         if not 0.0 <= self.data.eft_eval_fraction < 1.0:
             bad("data.eft_eval_fraction", "must be in [0, 1)")
         if self.data.eft_own_samples < 0:
@@ -221,6 +292,17 @@ class LoopConfig:
             bad("eval.pairwise_template", f"is {self.eval.pairwise_template!r}: not a file in loop/templates or a path")
         if self.eval.prompts_path is not None and not Path(self.eval.prompts_path).is_file():
             bad("eval.prompts_path", f"is {self.eval.prompts_path!r}: no such file")
+        if self.select.enabled:
+            if self.select.prompts_path is None and self.data.source != "world":
+                bad("select.prompts_path", "is required when select.enabled and data.source is not world")
+            if self.select.prompts_path is not None and not Path(self.select.prompts_path).is_file():
+                bad("select.prompts_path", f"is {self.select.prompts_path!r}: no such file")
+            if self.select.every < 0:
+                bad("select.every", "must be >= 0")
+            if self.select.prompts <= 0:
+                bad("select.prompts", "must be positive")
+            if self.select.max_new_tokens < 0:
+                bad("select.max_new_tokens", "must be >= 0")
         if not 0.0 <= self.prompts.rouge_threshold <= 1.0:
             bad("prompts.rouge_threshold", "must be in [0, 1]")
         if self.pairs.min_scored < 2:
@@ -289,6 +371,9 @@ def _build(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    moved = [m for key in unknown if prefix in ("sft.", "dpo.") and (m := moved_key_message(prefix[:-1], key))]
+    if moved:
+        raise LoopConfigError(f"loop config: {moved[0]}")
     if unknown:
         raise LoopConfigError(f"loop config: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {}
@@ -296,7 +381,7 @@ def _build(cls, data: dict, prefix: str):
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if prefix == "" and name in ("sft", "dpo"):
-                value = {**getattr(LoopConfig(), name).to_dict(), **(value or {})}
+                value = deep_merge(getattr(LoopConfig(), name).to_dict(), value or {})  # dpo.objective: key by key
             kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(prefix + name, value, tp)
@@ -325,13 +410,6 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _derive_seeds(tree: dict) -> dict:
@@ -366,7 +444,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Lo
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
             raise LoopConfigError(f"{path}:{line}: invalid YAML") from None
-    tree = _merge(tree, parse_overrides(list(overrides)))
+    tree = deep_merge(tree, parse_overrides(list(overrides)))
     return _build(LoopConfig, _derive_seeds(tree), "").validate()
 
 

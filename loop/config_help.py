@@ -54,7 +54,10 @@ def _first_sentence(text: str) -> str:
 def config_keys(obj=None, prefix: str = "") -> list[tuple[str, object, str]]:
     """[(dotted key, default, meaning)] for every leaf key of LoopConfig, in declaration order."""
     obj = LoopConfig() if obj is None else obj
-    meanings = field_meanings(type(obj))
+    meanings = {}  # a subclass (DPOConfig) inherits its base's fields and their comments
+    for cls in reversed(type(obj).__mro__):
+        if dataclasses.is_dataclass(cls):
+            meanings.update(field_meanings(cls))
     out = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)

@@ -30,7 +30,7 @@ from .records import JsonlAppender, read_jsonl, write_jsonl
 SKIPPED_SUFFIX = ".skipped.jsonl"
 
 
-def _broadcast(obj, dist: Dist):
+def broadcast_object(obj, dist: Dist):
     if dist.world_size == 1 or not torch_dist.is_initialized():
         return obj
     box = [obj]
@@ -93,7 +93,7 @@ def generate_records(sampler, dist: Dist, requests: list[dict], params: Sampling
         else:
             skipped_path(out_path).unlink(missing_ok=True)
     appender = JsonlAppender(out_path) if dist.is_main else None
-    done_ids = _broadcast(set(appender.ids) if appender else None, dist)
+    done_ids = broadcast_object(set(appender.ids) if appender else None, dist)
     chunks = [requests[i:i + chunk_size] for i in range(0, len(requests), chunk_size)]
     bar = tqdm(total=len(requests), desc=desc, disable=not dist.is_main, leave=False)
     try:

@@ -24,11 +24,12 @@ if __package__ in (None, ""):  # run as a script (torchrun loop/iterate.py): mak
 
 from engine.distributed import Dist, barrier, init_distributed, log, seed_everything  # noqa: E402
 from engine.metrics_log import MetricsSink, StageMetrics, check_sinks  # noqa: E402
-from model.config import ConfigError  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 
 from loop import manifest as M  # noqa: E402
+from loop import stages as S  # noqa: E402
 from loop.config import LoopConfig, load_config  # noqa: E402
-from loop.generation import _broadcast  # noqa: E402
+from loop.generation import broadcast_object  # noqa: E402
 from loop.judge import PAPER_TEMPLATE, load_template  # noqa: E402
 from loop.preflight import preflight  # noqa: E402
 from loop.records import RecordError  # noqa: E402
@@ -50,15 +51,18 @@ class Loop:
         self.phase = SamplerPhase(cfg.model, dist)
 
     # --- plumbing ---------------------------------------------------------------------------
-    def stage(self, *parts: str) -> StageDir:
-        sink = self.stage_metrics(*parts)
-        return StageDir(self.run_dir.joinpath(*parts), self.dist, on_finish=sink.summary if sink else None)
+    def stage(self, stage: S.Stage, key: int | str | None = None) -> StageDir:
+        """stage's folder (key: its iteration or model, see loop/stages.py); done = skipped on resume."""
+        sink = self.stage_metrics(stage, key)
+        return StageDir(stage.folder(self.run_dir, key), self.dist, on_finish=sink.summary if sink else None)
 
-    def stage_metrics(self, *parts: str) -> StageMetrics | None:
-        return self.metrics.stage("/".join(parts)) if self.metrics is not None else None
+    def stage_metrics(self, stage: S.Stage, key: int | str | None = None) -> StageMetrics | None:
+        if self.metrics is None:
+            return None
+        return self.metrics.stage(stage.folder(self.run_dir, key).relative_to(self.run_dir).as_posix())
 
     def model_dir(self, name: str) -> Path:
-        m0 = StageDir(self.run_dir / "m0", self.dist)
+        m0 = StageDir(S.M0.folder(self.run_dir), self.dist)
         if name == "M0" and m0.done:  # a .gguf M0 is linked with its suffix: see prepare
             return self.run_dir / m0.summary().get("link", "models/M0")
         return self.run_dir / "models" / name
@@ -81,7 +85,7 @@ class Loop:
                 self.world = World(WorldConfig.from_dict(cfg.data.world))
             except (ConfigError, TypeError) as e:
                 raise ConfigError(f"loop config: data.world: {e}") from None
-        st = self.stage("seed")
+        st = self.stage(S.SEED)
         if not st.done:
             work = st.begin()
             summary = {}
@@ -89,21 +93,18 @@ class Loop:
                 if self.world is not None:
                     paths = self.world.build_seed(work)
                 else:
-                    from loop.data.oasst import convert, read_export, write_seed
+                    from loop.data.sources import build_seed
 
-                    d = cfg.data
-                    paths = write_seed(convert(read_export(d.oasst_path), ift_size=d.ift_size,
-                                               eft_prompts=d.eft_prompts, eval_size=d.eval_prompts,
-                                               seed=cfg.run.seed), work)
+                    paths = build_seed(cfg, work, judge_template=self.judge_template())
                 summary = {name: sum(1 for _ in open(p, encoding="utf-8")) for name, p in paths.items()}
             st.finish(summary)
-        m0 = self.stage("m0")
+        m0 = self.stage(S.M0)
         if not m0.done:
             m0.begin()
             if cfg.model.init == "world":
                 cache = Path(cfg.data.world_cache_dir)
                 if self.dist.is_main:  # pretraining M0 is cached by config hash: rank 0 builds, others reuse
-                    self.world.build_m0(cache, log=lambda m: log(self.dist, m), metrics=self.stage_metrics("m0"))
+                    self.world.build_m0(cache, log=lambda m: log(self.dist, m), metrics=self.stage_metrics(S.M0))
                 barrier()
                 ckpt, tok_path = self.world.build_m0(cache, log=lambda m: None)
             else:  # any checkpoint format, also with the world's data (its tasks as chat prompts)
@@ -132,12 +133,13 @@ class Loop:
         template = cfg.model.chat_template or (self.world.cfg.chat_template if world_m0 else None)
         self.tok = load_tokenizer(info["tokenizer"], chat_template=template)
 
-    def seed_path(self, name: str) -> Path:
-        if name in ("eft_train", "eft_eval") and self.cfg.data.source == "oasst":
-            return self.run_dir / "eft" / f"{name}.jsonl"
-        if name == "eft_train" and self.cfg.data.eft_own_samples:
-            return self.run_dir / "eft" / "eft_train.jsonl"
-        return self.run_dir / "seed" / f"{name}.jsonl"
+    def seed_path(self, file: str) -> Path:
+        """A seed file (loop/stages.py F.*), from the EFT stage where that stage rebuilt it."""
+        if file in (S.F.EFT_TRAIN, S.F.EFT_EVAL) and self.cfg.data.source == "oasst":
+            return S.EFT.path(self.run_dir, file)
+        if file == S.F.EFT_TRAIN and self.cfg.data.eft_own_samples:
+            return S.EFT.path(self.run_dir, file)
+        return S.SEED.path(self.run_dir, file)
 
     def judge_template(self) -> str:
         t = self.cfg.judge.template
@@ -148,71 +150,48 @@ class Loop:
     def train_sft(self, name: str, with_eft: bool) -> None:
         from loop.stage_train import run_sft
 
-        st = self.stage("sft", name)
+        st = self.stage(S.SFT, name)
         if st.done:
             return
         st.begin()
         self.release_sampler()
-        eft = self.seed_path("eft_train") if with_eft else None
+        eft = self.seed_path(S.F.EFT_TRAIN) if with_eft else None
         summary, weights = run_sft(self.tok, self.dist, self.cfg, init_dir=self.model_dir("M0"),
-                                   ift_path=self.seed_path("ift"), eft_path=eft, judge_template=self.judge_template(),
+                                   ift_path=self.seed_path(S.F.IFT), eft_path=eft, judge_template=self.judge_template(),
                                    out_dir=self.model_dir(name), handoff=self.phase.request(),
-                                   sink=self.stage_metrics("sft", name))
+                                   sink=self.stage_metrics(S.SFT, name))
         st.finish(summary)
         self.phase.handed(self.model_dir(name), weights)
 
     def build_eft(self) -> None:
-        """OASST only: the SFT baseline judges the ranked candidates; agreeing judgments become EFT data."""
-        from loop.eft import select_eft
-        from loop.records import read_jsonl, write_jsonl
-        from loop.stage_aift import judge_records
+        """EFT data from the SFT baseline (loop/stage_eft.py): OASST's ranked candidates judged, or the world's
+        instructions answered and graded."""
+        from loop.stage_eft import build_eft
 
-        st = self.stage("eft")
+        st = self.stage(S.EFT)
         if st.done:
             return
         work = st.begin()
-        cands = read_jsonl(self.run_dir / "seed" / "eft_candidates.jsonl", ("id", "group_id", "prompt", "response", "rank"))
-        jc = self.cfg.judge
-        judgments = judge_records(self.sampler(self.model_dir("sft_baseline")), self.tok, self.dist, self.cfg,
-                                  template=self.judge_template(), items=cands, out_path=work / "judgments.jsonl",
-                                  k=1, temperature=jc.temperature, top_p=jc.top_p, stage="eft: judge candidates")
-        summary = {}
-        if self.dist.is_main:
-            by_id = {j["target_id"]: {"judgment": j["text"], "score": j["score"]} for j in judgments}
-            train, evals, summary = select_eft(cands, by_id, eval_fraction=self.cfg.data.eft_eval_fraction,
-                                               seed=self.cfg.run.seed, cap_ratio=self.cfg.data.eft_cap_ratio)
-            write_jsonl(work / "eft_train.jsonl", train)
-            write_jsonl(work / "eft_eval.jsonl", evals)
-        st.finish(summary)
-
-    def build_eft_own(self) -> None:
-        """World: the SFT baseline answers the EFT-train instructions; the grader labels its answers."""
-        from loop.world.eft_own import own_eft_records
-
-        st = self.stage("eft")
-        if st.done:
-            return
-        work = st.begin()
-        summary = own_eft_records(self.sampler(self.model_dir("sft_baseline")), self.tok, self.dist, self.cfg,
-                                  seed_eft=self.run_dir / "seed" / "eft_train.jsonl", grade=self.world.grade,
-                                  work=work)
-        st.finish(summary)
+        grade = self.world.grade if self.cfg.data.source == "world" else None
+        st.finish(build_eft(self.sampler(self.model_dir("sft_baseline")), self.tok, self.dist, self.cfg,
+                            run_dir=self.run_dir, template=self.judge_template(), grade=grade, work=work))
 
     # --- one AIFT iteration -----------------------------------------------------------------
     def iteration(self, t: int) -> None:
         from loop import stage_aift as A
 
-        cfg, it = self.cfg, f"iter_{t}"
+        cfg, run, F = self.cfg, self.run_dir, S.F
         current = self.model_dir(f"M{t}")
         gen_model = {"current": current, "M0": self.model_dir("M0")}.get(cfg.prompts.model) or Path(cfg.prompts.model)
-        s1, s2, s3, s4 = (self.stage(it, n) for n in ("1_prompts", "2_responses", "3_judgments", "4_pairs"))
-        earlier = [self.run_dir / f"iter_{k}" / "1_prompts" / "prompts.jsonl" for k in range(1, t)]
+        s1, s2, s3, s4 = (self.stage(st, t) for st in (S.PROMPTS, S.RESPONSES, S.JUDGMENTS, S.PAIRS))
+        earlier = [S.PROMPTS.path(run, F.PROMPTS, k) for k in range(1, t)]
         is_valid = self.world.is_valid_prompt if (self.world is not None and cfg.prompts.world_filter) else None
         if not s1.done:
             work = s1.begin()
-            s1.finish(A.gen_prompts(self.sampler(gen_model), self.tok, self.dist, cfg, ift_path=self.seed_path("ift"),
+            s1.finish(A.gen_prompts(self.sampler(gen_model), self.tok, self.dist, cfg, ift_path=self.seed_path(F.IFT),
                                     earlier_prompt_paths=earlier, work=work, iteration=t, is_valid=is_valid))
-        prompts_path = s1.final / "prompts.jsonl"
+        prompts_path = S.PROMPTS.path(run, F.PROMPTS, t)
+        responses_path = S.RESPONSES.path(run, F.RESPONSES, t)
         if not s2.done:
             work = s2.begin()
             s2.finish(A.gen_responses(self.sampler(current), self.tok, self.dist, cfg, prompts_path=prompts_path,
@@ -221,20 +200,36 @@ class Loop:
             work = s3.begin()
             s3.finish(A.judge_responses(self.sampler(current), self.tok, self.dist, cfg,
                                         template=self.judge_template(), prompts_path=prompts_path,
-                                        responses_path=s2.final / "responses.jsonl", work=work, iteration=t))
+                                        responses_path=responses_path, work=work, iteration=t))
+        judge_pairs = None
+        if cfg.meta.enabled:  # Meta-Rewarding: M_t also judges its judgments (loop/meta_judge.py)
+            from loop.meta_judge import meta_judge
+
+            s3m = self.stage(S.META_JUDGE, t)
+            if not s3m.done:
+                work = s3m.begin()
+                s3m.finish(meta_judge(self.sampler(current), self.tok, self.dist, cfg,
+                                      judge_template=self.judge_template(), prompts_path=prompts_path,
+                                      responses_path=responses_path,
+                                      judgments_path=S.JUDGMENTS.path(run, F.JUDGMENTS, t), work=work, iteration=t))
+            judge_pairs = S.META_JUDGE.path(run, F.JUDGE_PAIRS, t)
         if not s4.done:
             work = s4.begin()
-            summary = A.make_pairs(cfg, prompts_path=prompts_path, responses_path=s2.final / "responses.jsonl",
-                                   scores_path=s3.final / "scores.jsonl", work=work) if self.dist.is_main else {}
+            summary = A.make_pairs(cfg, prompts_path=prompts_path, responses_path=responses_path,
+                                   scores_path=S.JUDGMENTS.path(run, F.SCORES, t), work=work,
+                                   judge_pairs_path=judge_pairs) if self.dist.is_main else {}
             s4.finish(summary)
-        self.train_dpo(t, s4.final / "pairs.jsonl")
+        self.train_dpo(t, S.PAIRS.path(run, F.PAIRS, t))
+        self.select(t)
 
     def train_dpo(self, t: int, pairs_path: Path) -> None:
         from loop.records import read_jsonl
+        from loop.checkpoint_select import candidates_dir
         from loop.stage_train import run_dpo, run_ref_logprobs
 
-        it, current, nxt = f"iter_{t}", self.model_dir(f"M{t}"), self.model_dir(f"M{t + 1}")
-        s5, s6 = self.stage(it, "5_ref_logprobs"), self.stage(it, "6_dpo")
+        current, nxt = self.model_dir(f"M{t}"), self.model_dir(f"M{t + 1}")
+        s5, s6 = self.stage(S.REF_LOGPROBS, t), self.stage(S.DPO, t)
+        ref_pairs = S.REF_LOGPROBS.path(self.run_dir, S.F.PAIRS, t)
         if not s5.done:
             work = s5.begin()
             self.release_sampler()
@@ -244,7 +239,7 @@ class Loop:
             return
         s6.begin()
         self.release_sampler()
-        n_pairs = len(read_jsonl(s5.final / "pairs.jsonl", ("id",)))
+        n_pairs = len(read_jsonl(ref_pairs, ("id",)))
         if n_pairs < self.cfg.dpo.global_batch:
             # Not one optimizer step's worth: M_{t+1} = M_t, said loudly in the stage summary and the report.
             why = f"{n_pairs} preference pairs < dpo.global_batch={self.cfg.dpo.global_batch}"
@@ -256,25 +251,66 @@ class Loop:
                 os.replace(tmp, nxt)
             s6.finish({"skipped": why, "pairs": n_pairs})
             return
+        sel = self.cfg.select
         summary, weights = run_dpo(self.tok, self.dist, self.cfg, init_dir=current,
-                                   pairs_path=s5.final / "pairs.jsonl", out_dir=nxt, handoff=self.phase.request(),
-                                   sink=self.stage_metrics(it, "6_dpo"))
+                                   pairs_path=ref_pairs, out_dir=nxt, handoff=self.phase.request(),
+                                   sink=self.stage_metrics(S.DPO, t),
+                                   candidates_dir=candidates_dir(nxt) if sel.enabled else None,
+                                   candidates_every=sel.every or self.cfg.dpo.checkpoint_every)
         s6.finish(summary)
         self.phase.handed(nxt, weights)
+
+    def select(self, t: int) -> None:
+        """(7) which DPO checkpoint becomes M(t+1) (loop/checkpoint_select.py); recorded also when selection is off."""
+        from loop import checkpoint_select as CS
+
+        st = self.stage(S.SELECT, t)
+        if st.done:
+            return
+        work = st.begin()
+        dpo = self.stage(S.DPO, t).summary()
+        if not self.cfg.select.enabled or "skipped" in dpo:
+            st.finish({"disabled": True, "chosen": "last"} if not self.cfg.select.enabled else
+                      {"skipped": dpo["skipped"], "chosen": "last"})
+            return
+        current, nxt = self.model_dir(f"M{t}"), self.model_dir(f"M{t + 1}")
+        last = f"step{dpo['steps']}"
+        summary = CS.select_checkpoint(sampler_for=self.sampler, judge=lambda: self.select_judge(current),
+                                       tok=self.tok, dist=self.dist, cfg=self.cfg, t=t, current=current,
+                                       candidates=CS.list_candidates(nxt, dpo["steps"]),
+                                       prompts=CS.validation_prompts(self.cfg, self.world), work=work)
+        if summary["chosen"] != last:
+            self.release_sampler()  # it may hold the last step's weights under M(t+1)'s name
+            if self.dist.is_main:
+                CS.apply_choice(nxt, summary["chosen"], last, work)
+            barrier()
+        log(self.dist, f"iter {t}: M{t + 1} = {summary['chosen']} of {len(summary['candidates'])} checkpoints")
+        st.finish(summary)
+
+    def select_judge(self, current: Path):
+        """(judge sampler, its tokenizer, its name) of checkpoint selection: eval.pairwise_judge, else M(t)."""
+        judge = self.cfg.eval.pairwise_judge
+        if judge is None:
+            return self.sampler(current), self.tok, f"{current.name} (the model before DPO)"
+        from model.tokenizer import load_tokenizer
+
+        judge_tok = load_tokenizer(judge)
+        self.phase.tok = judge_tok
+        return self.phase.get(Path(judge)), judge_tok, Path(judge).name
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, name: str) -> None:
         from loop.stage_eval import eval_model
 
-        st = self.stage("eval", name)
+        st = self.stage(S.EVAL, name)
         if st.done or not self.cfg.eval.enabled:
             return
         work = st.begin()
         ec = self.cfg.eval
-        eft_eval = self.seed_path("eft_eval")
+        eft_eval = self.seed_path(S.F.EFT_EVAL)
         # The world's grader only knows the world's tasks: a user's prompt set gets no ground truth.
         grader = self.world.grade if (self.world is not None and ec.prompts_path is None) else None
-        prompts = Path(ec.prompts_path) if ec.prompts_path else self.seed_path("eval_prompts")
+        prompts = Path(ec.prompts_path) if ec.prompts_path else self.seed_path(S.F.EVAL_PROMPTS)
         summary = eval_model(self.sampler(self.model_dir(name)), self.tok, self.dist, self.cfg, name=name,
                              eval_prompts_path=prompts,
                              eft_eval_path=eft_eval if eft_eval.exists() else None,
@@ -290,8 +326,8 @@ class Loop:
         from model.tokenizer import load_tokenizer
 
         prev = f"M{int(name[1:]) - 1}" if name.startswith("M") and name[1:].isdigit() else None
-        opponents = {o: self.run_dir / "eval" / o / "generations.jsonl" for o in ("sft_baseline", prev)
-                     if o not in (None, name) and StageDir(self.run_dir / "eval" / o, self.dist).done}
+        opponents = {o: S.EVAL.path(self.run_dir, S.F.GENERATIONS, o) for o in ("sft_baseline", prev)
+                     if o not in (None, name) and StageDir(S.EVAL.folder(self.run_dir, o), self.dist).done}
         if not opponents:
             return {}
         barrier()  # rank 0 wrote work/generations.jsonl; every rank builds the judge prompts from it
@@ -310,13 +346,12 @@ class Loop:
         need_baseline = cfg.eval.sft_baseline or cfg.data.source == "oasst" or cfg.data.eft_own_samples > 0
         if need_baseline:
             self.train_sft("sft_baseline", with_eft=False)
-        if cfg.data.source == "oasst":
+        if cfg.data.source == "oasst" or cfg.data.eft_own_samples:
             self.build_eft()
-        elif cfg.data.eft_own_samples:
-            self.build_eft_own()
         if cfg.eval.sft_baseline:
             self.evaluate("sft_baseline")
-        self.train_sft("M1", with_eft=True)
+        # the user's data (data.source jsonl | hf) may have no EFT rows: M1 is then SFT on IFT only
+        self.train_sft("M1", with_eft=cfg.data.source in ("world", "oasst") or cfg.data.eft_path is not None)
         self.evaluate("M1")
         for t in range(1, cfg.run.iterations + 1):
             self.iteration(t)
@@ -378,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = M.open_run(run_dir, cfg, resume=args.resume, force_config=args.force_config)
         except M.ManifestError as e:
             error = str(e)
-    error = _broadcast(error, dist)
+    error = broadcast_object(error, dist)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,8 +6,11 @@ its drop reason, so the report can say why the pair count is what it is.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
+
+from .records import stable_seed
 
 DROP_TOO_FEW_SCORED = "too_few_scored"
 DROP_TIE = "tie"
@@ -71,3 +74,19 @@ def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dic
             reasons[reason] += 1
         outcomes.append(outcome)
     return pairs, outcomes, reasons
+
+
+def mix_judge_pairs(actor: list[dict], judge: list[dict], *, share: float, seed: int) -> tuple[list[dict], dict]:
+    """(the judge pairs DPO gets, the mix's summary): as many as there are, up to `share` of all pairs.
+
+    Every actor pair is kept; the judge pairs kept are those with the lowest stable_seed(seed, id), a
+    subsample that depends on the run seed and the pairs' ids only (not on file order or world size),
+    returned in their original order."""
+    room = math.floor(share * len(actor) / (1.0 - share) + 1e-9)  # n / (actor + n) <= share
+    n = min(len(judge), room)
+    keep = set(sorted((p["id"] for p in judge), key=lambda i: stable_seed(seed, "judge_share", i))[:n])
+    used = [p for p in judge if p["id"] in keep]
+    total = len(actor) + n
+    return used, {"judge_pairs_built": len(judge), "judge_pairs_used": n, "judge_pairs_over_share": len(judge) - n,
+                  "judge_share_target": share, "judge_share_used": n / total if total else 0.0,
+                  "actor_pairs": len(actor), "total_pairs": total}

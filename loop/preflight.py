@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.config import ConfigError
+from common.errors import ConfigError
 
 from .config import LoopConfig, LoopConfigError
 from .records import RecordError, read_jsonl
@@ -44,6 +44,13 @@ def _templates(cfg: LoopConfig, world) -> None:
         load_self_instruct_template(cfg.prompts.template)
     except (OSError, ValueError) as e:
         _bad("prompts.template", f"= {cfg.prompts.template!r}: {e}")
+    if cfg.meta.enabled:
+        from .meta_judge import load_meta_template
+
+        try:
+            load_meta_template(cfg.meta.template)
+        except (OSError, ValueError) as e:
+            _bad("meta.template", f"= {cfg.meta.template!r}: {e}")
 
 
 def _checkpoint(cfg: LoopConfig) -> None:
@@ -73,6 +80,23 @@ def _checkpoint(cfg: LoopConfig) -> None:
              f"embedding has vocab_size={model_cfg.vocab_size} (a tokenizer of another model?)")
 
 
+def _user_data(cfg: LoopConfig) -> None:
+    """data.source = jsonl | hf: every split read and checked in full, as the seed stage will."""
+    from .data.sources import user_seed_records
+    from .judge import PAPER_TEMPLATE, load_template
+
+    d = cfg.data
+    for key in ("ift_path", "eft_path", "eft_eval_path", "eval_path"):
+        path = getattr(d, key)
+        if path is not None and not (Path(path).is_file() if d.source == "jsonl" else Path(path).exists()):
+            _bad(f"data.{key}", f"= {path!r}: no such {'file' if d.source == 'jsonl' else 'file or directory'}")
+    template = load_template(PAPER_TEMPLATE if cfg.judge.template == "paper" else cfg.judge.template)
+    try:
+        user_seed_records(d, seed=cfg.run.seed, judge_template=template)
+    except RecordError as e:
+        raise LoopConfigError(f"loop config: {e}") from None
+
+
 def preflight(cfg: LoopConfig, run_dir: Path, *, resume: bool) -> None:
     """Raise LoopConfigError (one line) for the first input that would fail the run; touches nothing."""
     world = None
@@ -80,6 +104,10 @@ def preflight(cfg: LoopConfig, run_dir: Path, *, resume: bool) -> None:
         world = _world(cfg)
         if cfg.model.init != "world":  # a checkpoint M0 on the world's tasks (as chat prompts, so the grader evaluates)
             _checkpoint(cfg)
+    elif cfg.data.source in ("jsonl", "hf"):
+        _checkpoint(cfg)
+        _templates(cfg, world)  # the judge template reads EFT rows in the messages shape
+        _user_data(cfg)
     else:
         _checkpoint(cfg)
         from loop.data.oasst import read_export

@@ -122,6 +122,5 @@ def chat_ids(tokenizer, user_text: str) -> list[int]:
 
 
 def response_ids(tokenizer, text: str, finished: bool) -> list[int]:
-    """Token ids of an assistant reply as training data: the text, then the turn's stop token if it ended."""
-    ids = tokenizer.encode(text, bos=False, eos=False)
-    return ids + [tokenizer.stop_ids[0]] if finished else ids
+    """Token ids of an assistant reply as training data: the text, then the turn's end token if it ended."""
+    return tokenizer.reply_ids(text, finished)

@@ -16,9 +16,10 @@ from . import prompts as P
 from .config import LoopConfig
 from .eval import score_histogram
 from .generation import generate_records, read_skipped
-from .judge import fill_template, mean_score, parse_score
-from .pairs import PairRules, build_pairs
+from .judge import judge_records, mean_score, scores_by_target
+from .pairs import PairRules, build_pairs, mix_judge_pairs
 from .records import read_jsonl, stable_seed, write_jsonl
+from .stages import F
 
 
 def _completion_fields(c) -> dict:
@@ -43,15 +44,15 @@ def gen_prompts(sampler, tok, dist: Dist, cfg: LoopConfig, *, ift_path: Path, ea
     def record(req, c, rid):
         return {"id": rid, **_completion_fields(c), "instruction": P.extract_instruction(c.text)}
 
-    raw = generate_records(sampler, dist, requests, params, work / "attempts.jsonl", chunk_size=cfg.run.chunk_size,
+    raw = generate_records(sampler, dist, requests, params, work / F.ATTEMPTS, chunk_size=cfg.run.chunk_size,
                            make_record=record, desc=f"iter {iteration}: prompts", chunk_hook=chunk_hook)
     if not dist.is_main:
         return {}
     kept, reasons = P.filter_instructions(
         raw, ift + earlier, want=pc.num_prompts, rouge_threshold=pc.rouge_threshold, min_words=pc.min_words,
         max_words=pc.max_words, banned_keywords=pc.banned_keywords, is_valid=is_valid)
-    write_jsonl(work / "attempts.jsonl", raw)
-    write_jsonl(work / "prompts.jsonl", ({"id": k["id"], "prompt": k["instruction"]} for k in kept))
+    write_jsonl(work / F.ATTEMPTS, raw)
+    write_jsonl(work / F.PROMPTS, ({"id": k["id"], "prompt": k["instruction"]} for k in kept))
     summary = {"attempts": len(raw), "prompts": len(kept), "filtered": dict(sorted(reasons.items()))}
     log(dist, f"iter {iteration} prompts: {json.dumps(summary)}")
     return summary
@@ -70,64 +71,17 @@ def gen_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, prompts_path: Pa
     def record(req, c, rid):
         return {"id": rid, "prompt_id": req["id"], "sample_index": c.sample_index, **_completion_fields(c)}
 
-    out = generate_records(sampler, dist, requests, params, work / "responses.jsonl", chunk_size=cfg.run.chunk_size,
+    out = generate_records(sampler, dist, requests, params, work / F.RESPONSES, chunk_size=cfg.run.chunk_size,
                            make_record=record, desc=f"iter {iteration}: responses", chunk_hook=chunk_hook)
     if not dist.is_main:
         return {}
-    write_jsonl(work / "responses.jsonl", out)
+    write_jsonl(work / F.RESPONSES, out)
     lengths = [r["num_tokens"] for r in out]
     summary = {"prompts": len(prompts), "responses": len(out),
                "mean_tokens": sum(lengths) / len(lengths) if lengths else 0.0,
                "truncated": sum(r["finish_reason"] == "length" for r in out)}
     log(dist, f"iter {iteration} responses: {json.dumps(summary)}")
     return summary
-
-
-def judge_records(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str, items: list[dict], out_path: Path,
-                  k: int, temperature: float, top_p: float, stage: str, chunk_hook=None) -> list[dict]:
-    """Judge items {"id", "prompt", "response"} k times each; records carry the raw text and the score.
-
-    sampled (the paper): score = parse_score(text), None when unparsable. expected: the justification
-    stops at "Score:", and the score is E[score token] under the judge (loop/expected_score.py)."""
-    jc = cfg.judge
-    requests = [{"id": it["id"], "ids": P.chat_ids(tok, fill_template(template, it["prompt"], it["response"])),
-                 "seed": stable_seed(cfg.run.seed, stage, it["id"])} for it in items]
-    expected = jc.mode == "expected"
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=jc.max_new_tokens, n=k,
-                            stop_token_ids=tuple(tok.stop_ids), stop=("Score:",) if expected else ())
-
-    def record(req, c, rid):
-        rec = {"id": rid, "target_id": req["id"], "sample_index": c.sample_index, **_completion_fields(c)}
-        rec["score"] = None if expected else parse_score(c.text)
-        return rec
-
-    finalize = None
-    if expected:
-        from .expected_score import expected_scores, score_token_ids
-
-        prefix, score_ids = score_token_ids(tok)
-        max_len = sampler.model.config.max_seq_len
-
-        def finalize(made):
-            seqs = []
-            for req, rec in made:
-                body = tok.encode(rec["text"].rstrip() + " ", bos=False) if rec["text"].strip() else []
-                room = max_len - len(req["ids"]) - len(prefix)
-                seqs.append((req["ids"] + body[:max(0, room)] + prefix)[-max_len:])
-            for (_, rec), res in zip(made, expected_scores(sampler.model, seqs, score_ids)):
-                rec["score"], rec["score_mass"] = res["expected"], res["mass"]
-                rec["score_mode"] = "expected"
-
-    return generate_records(sampler, dist, requests, params, out_path, chunk_size=cfg.run.chunk_size,
-                            make_record=record, desc=stage, finalize=finalize, chunk_hook=chunk_hook)
-
-
-def mean_scores(judgments: list[dict]) -> dict[str, float | None]:
-    """target id -> mean of its parsable scores (None when none parsed)."""
-    by_target: dict[str, list] = {}
-    for j in judgments:
-        by_target.setdefault(j["target_id"], []).append(j["score"])
-    return {t: mean_score(s) for t, s in by_target.items()}
 
 
 def judge_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str, prompts_path: Path,
@@ -138,16 +92,14 @@ def judge_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str,
     responses = read_jsonl(responses_path, ("id", "prompt_id", "text"))
     items = [{"id": r["id"], "prompt": prompt_text[r["prompt_id"]], "response": r["text"]} for r in responses]
     judgments = judge_records(sampler, tok, dist, cfg, template=template, items=items,
-                              out_path=work / "judgments.jsonl", k=jc.k, temperature=jc.temperature,
+                              out_path=work / F.JUDGMENTS, k=jc.k, temperature=jc.temperature,
                               top_p=jc.top_p, stage=f"iter {iteration}: judge", chunk_hook=chunk_hook)
     if not dist.is_main:
         return {}
-    write_jsonl(work / "judgments.jsonl", judgments)
-    by_target: dict[str, list] = {}
-    for j in judgments:
-        by_target.setdefault(j["target_id"], []).append(j["score"])
+    write_jsonl(work / F.JUDGMENTS, judgments)
+    by_target = scores_by_target(judgments)
     # a response whose judge input was over-long has no judgments: no score
-    write_jsonl(work / "scores.jsonl", ({"id": r["id"], "prompt_id": r["prompt_id"],
+    write_jsonl(work / F.SCORES, ({"id": r["id"], "prompt_id": r["prompt_id"],
                                          "scores": by_target.get(r["id"], []),
                                          "mean": mean_score(by_target.get(r["id"], []))} for r in responses))
     scores = [j["score"] for j in judgments]
@@ -159,8 +111,13 @@ def judge_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str,
     return summary
 
 
-def make_pairs(cfg: LoopConfig, *, prompts_path: Path, responses_path: Path, scores_path: Path, work: Path) -> dict:
-    """(4) chosen/rejected per prompt: work/pairs.jsonl, work/outcomes.jsonl (every prompt, with drop reason)."""
+def make_pairs(cfg: LoopConfig, *, prompts_path: Path, responses_path: Path, scores_path: Path, work: Path,
+               judge_pairs_path: Path | None = None) -> dict:
+    """(4) chosen/rejected per prompt: work/pairs.jsonl, work/outcomes.jsonl (every prompt, with drop reason).
+
+    With judge_pairs_path (meta.enabled: stage 3m's judge pairs), pairs.jsonl holds the actor pairs, then
+    the judge pairs mixed in at up to meta.judge_share of the total, each tagged "kind": "actor" | "judge";
+    the summary's numbers stay the actor pairs', the mix is under "meta"."""
     prompts = read_jsonl(prompts_path, ("id", "prompt"))
     responses = read_jsonl(responses_path, ("id", "prompt_id", "sample_index", "text", "num_tokens"))
     scores = {s["id"]: s["mean"] for s in read_jsonl(scores_path, ("id", "mean"))}
@@ -169,17 +126,24 @@ def make_pairs(cfg: LoopConfig, *, prompts_path: Path, responses_path: Path, sco
                       min_gap=pc.min_gap)
     prompt_of = {r["id"]: r["prompt_id"] for r in responses}
     overlong = frozenset([k["request_id"] for k in read_skipped(responses_path)] +
-                         [prompt_of[k["request_id"]] for k in read_skipped(scores_path.with_name("judgments.jsonl"))])
+                         [prompt_of[k["request_id"]] for k in read_skipped(scores_path.with_name(F.JUDGMENTS))])
     pairs, outcomes, reasons = build_pairs(prompts, responses, scores, rules, overlong)
     finish = {r["id"]: r.get("finish_reason", "stop") for r in responses}
     for p in pairs:
         p["chosen_finished"] = finish[p["chosen_id"]] == "stop"
         p["rejected_finished"] = finish[p["rejected_id"]] == "stop"
-    write_jsonl(work / "pairs.jsonl", pairs)
-    write_jsonl(work / "outcomes.jsonl", outcomes)
+    mixed, mix = pairs, None
+    if judge_pairs_path is not None:
+        judge = read_jsonl(judge_pairs_path, ("id", "prompt", "chosen", "rejected", "chosen_finished",
+                                              "rejected_finished", "kind"))
+        used, mix = mix_judge_pairs(pairs, judge, share=cfg.meta.judge_share, seed=cfg.run.seed)
+        mixed = [{**p, "kind": "actor"} for p in pairs] + used
+    write_jsonl(work / F.PAIRS, mixed)
+    write_jsonl(work / F.OUTCOMES, outcomes)
     gaps = [p["chosen_score"] - p["rejected_score"] for p in pairs]
     return {"prompts": len(prompts), "pairs": len(pairs), "dropped": dict(sorted(reasons.items())),
             "mean_chosen_score": sum(p["chosen_score"] for p in pairs) / len(pairs) if pairs else None,
             "mean_rejected_score": sum(p["rejected_score"] for p in pairs) / len(pairs) if pairs else None,
             "mean_gap": sum(gaps) / len(gaps) if gaps else None,
-            "chosen_longer_frac": sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / len(pairs) if pairs else None}
+            "chosen_longer_frac": sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs) / len(pairs) if pairs else None,
+            **({"meta": mix} if mix is not None else {})}

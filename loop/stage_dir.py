@@ -16,14 +16,13 @@ from engine.distributed import Dist, barrier
 
 from .generation import SKIPPED_SUFFIX
 from .records import write_json
-
-DONE = "done.json"
+from .stages import DONE, PARTIAL
 
 
 class StageDir:
     def __init__(self, final: Path, dist: Dist, on_finish: Callable[[dict], None] | None = None):
         self.final = Path(final)
-        self.work = self.final.with_name(self.final.name + ".partial")
+        self.work = self.final.with_name(self.final.name + PARTIAL)
         self.dist = dist
         self.on_finish = on_finish  # rank 0, before the rename: e.g. the summary line of metrics.jsonl
 

@@ -14,11 +14,11 @@ from engine.sampler import SamplingParams
 from .config import LoopConfig
 from .eval import export_alpaca_eval, head_to_head, length_stats, reward_model_metrics, score_histogram, verdict
 from .generation import generate_records
-from .judge import mean_score
+from .judge import judge_records, mean_scores
 from .prompts import chat_ids
 from .pairwise import judge_match, load_pairwise_template, match_summary
 from .records import RecordError, iter_jsonl, read_jsonl, stable_seed, write_jsonl
-from .stage_aift import judge_records
+from .stages import F, pairwise_file
 
 
 def load_eval_prompts(path: Path) -> list[dict]:
@@ -53,28 +53,25 @@ def eval_model(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, eval_pro
         return {"id": rid, "prompt": p["prompt"], "text": c.text, "num_tokens": len(c.token_ids),
                 "finish_reason": c.finish_reason, **({"dataset": p["dataset"]} if "dataset" in p else {})}
 
-    gens = generate_records(sampler, dist, requests, params, work / "generations.jsonl",
+    gens = generate_records(sampler, dist, requests, params, work / F.GENERATIONS,
                             chunk_size=cfg.run.chunk_size, make_record=record, desc=f"eval {name}: generate")
     rm_judgments = []
     eft_eval = read_jsonl(eft_eval_path, ("id", "group_id", "prompt", "response", "rank")) \
         if (eft_eval_path is not None and ec.reward_metrics) else []
     if eft_eval:
         rm_judgments = judge_records(sampler, tok, dist, cfg, template=judge_template, items=eft_eval,
-                                     out_path=work / "rm_judgments.jsonl", k=ec.judge_k,
+                                     out_path=work / F.RM_JUDGMENTS, k=ec.judge_k,
                                      temperature=ec.judge_temperature, top_p=1.0 if ec.judge_temperature == 0 else
                                      cfg.judge.top_p, stage=f"eval {name}: judge eft_eval")
     if not dist.is_main:
         return {}
-    write_jsonl(work / "generations.jsonl", gens)
-    export_alpaca_eval(work / "alpaca_eval.json", gens, generator=name)
+    write_jsonl(work / F.GENERATIONS, gens)
+    export_alpaca_eval(work / F.ALPACA_EVAL, gens, generator=name)
     summary = {"model": name, "length": length_stats([g["num_tokens"] for g in gens], [g["text"] for g in gens]),
                "truncated": sum(g["finish_reason"] == "length" for g in gens)}
     if eft_eval:
-        write_jsonl(work / "rm_judgments.jsonl", rm_judgments)
-        by_target: dict[str, list] = {}
-        for j in rm_judgments:
-            by_target.setdefault(j["target_id"], []).append(j["score"])
-        scores = {t: mean_score(s) for t, s in by_target.items()}
+        write_jsonl(work / F.RM_JUDGMENTS, rm_judgments)
+        scores = mean_scores(rm_judgments)
         all_scores = [j["score"] for j in rm_judgments]
         summary["reward_model"] = reward_model_metrics(eft_eval, scores)
         summary["reward_model"]["parse_rate"] = (sum(s is not None for s in all_scores) / len(all_scores)
@@ -85,7 +82,7 @@ def eval_model(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, eval_pro
         for g in gens:
             gr = grader(g["prompt"], g["text"])
             grades.append({"id": g["id"], "score": float(gr.score), "correct": bool(gr.correct)})
-        write_jsonl(work / "grades.jsonl", grades)
+        write_jsonl(work / F.GRADES, grades)
         n = len(grades)
         summary["grader"] = {"mean_score": sum(g["score"] for g in grades) / n if n else None,
                              "accuracy": 100.0 * sum(g["correct"] for g in grades) / n if n else None,
@@ -111,12 +108,12 @@ def pairwise_matches(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, wo
     pairwise by `sampler` in both orders -> work/pairwise_<opponent>.jsonl and {opponent: summary}."""
     ec = cfg.eval
     template = load_pairwise_template(ec.pairwise_template)
-    mine = read_jsonl(work / "generations.jsonl", ("id", "prompt", "text"))
+    mine = read_jsonl(work / F.GENERATIONS, ("id", "prompt", "text"))
     out = {}
     for opp, path in opponents.items():
         theirs = {g["id"]: g["text"] for g in read_jsonl(path, ("id", "text"))}
         prompts = [{"id": g["id"], "prompt": g["prompt"]} for g in mine if g["id"] in theirs]
-        out_path = work / f"pairwise_{opp}.jsonl"
+        out_path = work / pairwise_file(opp)
         records = judge_match(sampler, tok, dist, template=template, prompts=prompts,
                               answers_a={g["id"]: g["text"] for g in mine}, answers_b=theirs, out_path=out_path,
                               run_seed=cfg.run.seed, stage=f"eval {name}: pairwise vs {opp}",

@@ -19,6 +19,7 @@ from .config import LoopConfig
 from .judge import fill_template
 from .prompts import chat_ids, response_ids
 from .records import read_jsonl, write_jsonl
+from .stages import F
 
 
 def sft_examples(tok, ift_path: Path, eft_path: Path | None, judge_template: str | None) -> list[SFTExample]:
@@ -76,19 +77,21 @@ def run_ref_logprobs(tok, dist: Dist, cfg: LoopConfig, *, init_dir: Path, pairs_
     for r in records:
         r["ref_chosen"], r["ref_rejected"] = by_id[r["id"]].ref_chosen, by_id[r["id"]].ref_rejected
     if dist.is_main:
-        write_jsonl(work / "pairs.jsonl", records)
+        write_jsonl(work / F.PAIRS, records)
     margins = [r["ref_chosen"] - r["ref_rejected"] for r in records]
     return {"pairs": len(records), "truncated_examples": cut,
             "mean_ref_margin": sum(margins) / len(margins) if margins else None}
 
 
 def run_dpo(tok, dist: Dist, cfg: LoopConfig, *, init_dir: Path, pairs_path: Path, out_dir: Path,
-            handoff: HandoffRequest | None = None, sink: StageMetrics | None = None) -> tuple[dict, HandedOff | None]:
-    """(6) DPO from M_t on the pairs -> M_{t+1}; resumes from the trainer's checkpoints under out_dir.ckpt."""
+            handoff: HandoffRequest | None = None, sink: StageMetrics | None = None,
+            candidates_dir: Path | None = None, candidates_every: int = 0) -> tuple[dict, HandedOff | None]:
+    """(6) DPO from M_t on the pairs -> M_{t+1}; resumes from the trainer's checkpoints under out_dir.ckpt.
+    With candidates_dir, also an HF candidate every candidates_every steps (checkpoint selection)."""
     records = read_jsonl(pairs_path, ("id", "prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"))
     if not records:
         raise RuntimeError(f"{pairs_path}: no preference pairs to train on (see the pairs stage's drop reasons)")
     pairs, cut = fit_context(preference_pairs(tok, records), init_dir, cfg.dpo.max_seq_len)
     result = train_dpo(str(init_dir), pairs, cfg.dpo, str(out_dir), resume=True,
-                       handoff=handoff, sink=sink)
+                       handoff=handoff, sink=sink, candidates_dir=candidates_dir, candidates_every=candidates_every)
     return {"pairs": len(records), "truncated_examples": cut, **_summary(result)}, result.handoff

@@ -2,8 +2,9 @@
 
 Special tokens are placed by id and only the text between them goes through the tokenizer, the
 way Meta's reference ChatFormat does; so what a user writes can never become a control token.
-Which format a checkpoint uses is detected from the markers in its Jinja chat_template; the Jinja
-text of each built-in format is kept here so a saved tokenizer_config.json names it again."""
+They are named overrides (model.chat_template) and the format of a checkpoint that ships no template;
+a checkpoint's own Jinja template renders through model/jinja_template.py. The Jinja text of each
+format is kept here so a saved tokenizer_config.json names it again (read back as this format)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -43,19 +44,6 @@ class TextEncoder(Protocol):
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
     def token_id(self, token: str) -> int | None: ...
-
-
-def detect(template: str | None) -> str | None:
-    """The built-in format a Jinja chat_template string renders, judged by its markers."""
-    if not template:
-        return None
-    if "<|im_start|>" in template:
-        return "chatml"
-    if "<|start_header_id|>" in template:
-        return "llama3"
-    if "[INST]" in template:
-        return "llama2"
-    return None
 
 
 def render(name: str, tok: TextEncoder, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

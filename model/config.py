@@ -4,9 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """A model config that cannot describe a working Llama (names the offending key)."""
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.atomic import replace_dir
+
 from .config import LlamaConfig, RopeScaling
 from .llama import Llama
 from .weight_loading import CheckpointError, CheckpointReader, make_config
@@ -211,7 +213,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config: LlamaConfig, di
         (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
         if tokenizer_dir is not None:
             _copy_tokenizer(tokenizer_dir, tmp)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -230,12 +232,3 @@ def _copy_tokenizer(source, target: Path) -> None:
         shutil.copyfile(f, target / f.name)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """os.replace cannot swap directories over a non-empty one: move the old aside first."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, LlamaConfig
+from common.errors import ConfigError
+
+from .config import LlamaConfig
 from .llama import Llama, rope_inv_freq
 
 

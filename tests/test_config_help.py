@@ -33,7 +33,7 @@ def test_every_key_has_its_default_and_a_meaning():
     assert by_key["sft.lr"][0] == 5.5e-6 and by_key["dpo.lr"][0] == 1e-6
     assert by_key["run.log_to"][0] == ("jsonl",)
     # a trailing comment wins over a section header above the field; a leading block gives its first sentence
-    assert by_key["dpo.beta"][1].startswith("DPO: strength of the KL anchor")
+    assert by_key["dpo.objective.beta"][1].startswith("DPO: strength of the KL anchor")
     assert by_key["sft.param_persistence_threshold"][1] == (
         "ZeRO-3 keeps params below this many elements whole on every rank.")
     assert field_meanings(RunConfig)["iterations"] == "AIFT iterations: M1 -> M2 -> M3 is 2"
@@ -62,7 +62,7 @@ def test_iterate_help_prints_the_key_list():
 
 @pytest.mark.parametrize("value", ["[mlflow]", "[jsonl, tb]"])
 def test_unknown_logger_is_a_config_error_naming_the_key(value):
-    from model.config import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"run\.log_to has '(mlflow|tb)': unknown"):
         load_config(None, [f"run.log_to={value}"])

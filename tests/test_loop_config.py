@@ -15,7 +15,7 @@ def test_presets_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.responses.n == 4 and cfg.judge.k == 3
     if "8xa100" in name:
-        assert cfg.sft.zero_stage == 3 and cfg.dpo.dtype == "bf16" and cfg.dpo.beta == 0.1
+        assert cfg.sft.zero_stage == 3 and cfg.dpo.dtype == "bf16" and cfg.dpo.objective.beta == 0.1
         cfg.sft.validate(world_size=8), cfg.dpo.validate(world_size=8)
 
 
@@ -24,7 +24,7 @@ def test_overrides_and_types():
                                                      "prompts.banned_keywords=[a, b]", "model.dtype=null"])
     assert cfg.dpo.lr == 3e-4 and cfg.run.iterations == 3 and cfg.data.world["n_ift"] == 50
     assert cfg.prompts.banned_keywords == ("a", "b") and cfg.model.dtype is None
-    assert cfg.dpo.beta == 0.1  # untouched keys keep the preset's values
+    assert cfg.dpo.objective.beta == 0.1  # untouched keys keep the preset's values
 
 
 @pytest.mark.parametrize("override, message", [
@@ -35,7 +35,7 @@ def test_overrides_and_types():
     ("responses.n=1", "responses.n must be >= 2"),
     ("judge.top_p=0", "judge.top_p must be in"),
     ("data.source=web", "data.source is 'web': unknown"),
-    ("dpo.loss_type=xx", "dpo.loss_type='xx' is unknown"),
+    ("dpo.objective.loss_type=xx", "dpo.objective.loss_type='xx' is unknown"),
     ("sft.global_batch=7", "sft.global_batch=7 is not divisible"),
     ("judge.template=/nonexistent.txt", "judge.template is '/nonexistent.txt': not"),
     ("seed", "is not key=value"),
@@ -63,8 +63,8 @@ def test_manifest_refuses_changed_config(tmp_path):
     moved = load_config(CONFIGS / "cpu_default.yaml", ["run.run_dir=elsewhere"])
     assert moved.hash() == cfg.hash()  # where the run lives is not part of its identity
     mark_finished(tmp_path, m, 1.0)
-    changed = load_config(CONFIGS / "cpu_default.yaml", [f"run.run_dir={tmp_path}", "dpo.beta=0.5"])
-    with pytest.raises(ManifestError, match=r"finished run .*dpo\.beta: 0\.1 -> 0\.5.*--force-config"):
+    changed = load_config(CONFIGS / "cpu_default.yaml", [f"run.run_dir={tmp_path}", "dpo.objective.beta=0.5"])
+    with pytest.raises(ManifestError, match=r"finished run .*dpo\.objective\.beta: 0\.1 -> 0\.5.*--force-config"):
         open_run(tmp_path, changed, resume=True, force_config=False)
     m2 = open_run(tmp_path, changed, resume=True, force_config=True)
     assert m2["config_hash"] == changed.hash() and m2["history"][0]["old_hash"] == cfg.hash()

@@ -4,7 +4,7 @@ import pathlib
 import random
 
 from loop.data.oasst import convert, main, read_export
-from loop.eft import select_eft
+from loop.stage_eft import select_eft
 from loop.records import read_jsonl
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "oasst_tiny.jsonl"

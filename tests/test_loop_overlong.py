@@ -14,7 +14,7 @@ import test_loop_run
 from engine.data import SFTExample, PreferencePair, fit_prompt_side
 from engine.distributed import init_distributed
 from engine.sampler import Sampler, SamplingParams
-from engine.trainer import _target_count
+from engine.objectives import response_targets
 from loop import stage_aift as A
 from loop.config import load_config
 from loop.generation import read_skipped, split_overlong
@@ -150,7 +150,7 @@ def test_training_examples_lose_the_prompt_side_first():
     assert was_cut and cut.response_ids == ex.response_ids and len(cut.prompt_ids) + len(cut.response_ids) == 16
     assert cut.prompt_ids == [1, 28, 29]  # BOS, then the end of the prompt
     # every response token stays a target under the trainer's cut at max_len
-    assert _target_count(len(cut.prompt_ids), 16, 16) == len(ex.response_ids)
+    assert response_targets(cut, 16) == len(ex.response_ids)
     assert fit_prompt_side(ex, 40) == (ex, False)
     pair = PreferencePair("p", [1] + [5] * 20, [6] * 8, [7] * 3)
     cut, was_cut = fit_prompt_side(pair, 12)

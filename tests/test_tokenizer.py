@@ -1,5 +1,6 @@
 """Tokenizers: the Llama 2 reference tokenizations (SentencePiece file and the same vocabulary embedded
-in a GGUF), tokenizer.json loading, chat formats against Jinja renderings, save/reload, bad inputs."""
+in a GGUF), tokenizer.json loading, chat formats against Jinja renderings, save/reload, bad inputs.
+The checkpoint's own Jinja templates against transformers: tests/test_chat_templates.py."""
 import json
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def smol(smollm2_gguf):
 
 
 def test_gguf_byte_level_bpe(smol):
-    assert (smol.bos_id, smol.eos_id, smol.vocab_size, smol.chat_template) == (1, 2, 49152, "chatml")
+    assert (smol.bos_id, smol.eos_id, smol.vocab_size, smol.chat_template) == (1, 2, 49152, "jinja")
     assert not smol.add_bos and smol.stop_ids == (2,)  # eos is <|im_end|> here
     # Special tokens stay whole; llama.cpp's "smollm" pre-tokenizer splits every digit.
     assert smol.encode("<|im_start|>user\nhi<|im_end|>", bos=False) == [1, 4093, 198, 6004, 2]
@@ -116,16 +117,26 @@ def test_gguf_byte_level_bpe(smol):
 
 
 def test_chatml_matches_checkpoint_template(smol, smollm2_gguf):
+    """The GGUF's own (ChatML) template renders by default; the built-in chatml, named, gives the same ids
+    once the template's default system prompt is not in play."""
     jinja2 = pytest.importorskip("jinja2")
     from model.gguf_format import metadata, open_gguf
 
     template = metadata(open_gguf(smollm2_gguf), "tokenizer.chat_template")
+    builtin = load_tokenizer(smollm2_gguf, chat_template="chatml")
+    assert builtin.chat_template == "chatml"
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"},
                 {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
     text = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
-    assert smol.apply_chat_template(messages) == smol.encode(text, bos=False)
+    assert smol.apply_chat_template(messages) == smol.encode(text, bos=False) == builtin.apply_chat_template(messages)
     closed = jinja2.Environment().from_string(template).render(messages=messages[:3], add_generation_prompt=False)
-    assert smol.apply_chat_template(messages[:3], add_generation_prompt=False) == smol.encode(closed, bos=False)
+    assert (smol.apply_chat_template(messages[:3], add_generation_prompt=False) == smol.encode(closed, bos=False)
+            == builtin.apply_chat_template(messages[:3], add_generation_prompt=False))
+    # Without a system message the checkpoint's template adds SmolLM's own; the built-in does not.
+    alone = [{"role": "user", "content": "Hi"}]
+    assert smol.decode(smol.apply_chat_template(alone)).startswith("system\nYou are a helpful AI assistant")
+    assert builtin.apply_chat_template(alone) == smol.encode(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", bos=False)
 
 
 def test_tokenizer_json_with_llama3_template(smol, tmp_path):
@@ -173,7 +184,9 @@ def test_saved_hf_tokenizer_reloads(smol, tmp_path):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["bos_token"] == "<|im_start|>" and config["add_bos_token"] is False
     again = load_tokenizer(tmp_path / "tokenizer.json")
-    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.chat_template) == (1, 2, 2, False, "chatml")
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.chat_template) == (1, 2, 2, False, "jinja")
+    assert again.apply_chat_template([{"role": "user", "content": "Hi"}]) == smol.apply_chat_template(
+        [{"role": "user", "content": "Hi"}])
     text = "Hi! Digits 123, <|im_end|> and émojis 🦙"
     assert again.encode(text) == smol.encode(text)
 

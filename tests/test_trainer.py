@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.ckpt import export_hf
-from engine.config import TrainConfig, TrainConfigError, dpo_config, sft_config
+from engine.config import DPOConfig, TrainConfig, TrainConfigError, dpo_config, sft_config
 from engine.data import (PreferencePair, SFTExample, collate_pairs, collate_sft, epoch_batches, example_length,
                          rank_micro_batches)
 from engine.distributed import init_distributed
 from engine.ds_config import build_ds_config
 from engine.metrics import format_mfu, mfu, peak_flops
-from engine.runners import TorchRunner
+from engine.train_backends import TorchRunner
 from engine.schedule import CosineSchedule, cosine_lr
 from engine.trainer import compute_reference_logprobs, train_dpo, train_sft
 from engine.zero3 import open_init
@@ -152,7 +152,7 @@ def test_reference_logprobs_and_first_dpo_step(m0, pairs, tmp_path):
     with pytest.raises(ValueError, match="no reference log-probs"):
         train_dpo(m0, pairs, CFG, tmp_path / "never")
     w = 0.5
-    result = train_dpo(m0, ref, CFG.replace(max_steps=1, nll_weight=w), tmp_path / "dpo")
+    result = train_dpo(m0, ref, DPOConfig.extend(CFG.replace(max_steps=1), nll_weight=w), tmp_path / "dpo")
     batch = epoch_batches([example_length(p) for p in ref], 8, CFG.seed, 0)[0]
     nll = sum(-ref[i].ref_chosen / len(ref[i].chosen_ids) for i in batch) / len(batch)
     # dropout 0: the policy at step 0 is the reference, so the DPO term is exactly log 2
@@ -161,26 +161,9 @@ def test_reference_logprobs_and_first_dpo_step(m0, pairs, tmp_path):
     assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and m["nll"] == pytest.approx(nll, abs=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_fused_objective_trains_like_the_unfused_path(kind, m0, examples, pairs, tmp_path):
-    # Same losses, stats and final weights whether the objective's gradients come from the fused op
-    # (computed in forward, 3 lm_head matmuls) or from sequence_logprobs + autograd (4).
-    cfg = CFG.replace(epochs=2, max_steps=3, nll_weight=0.3, loss_type="ipo")
-    data = compute_reference_logprobs(m0, pairs, cfg) if kind == "dpo" else examples
-    run = train_dpo if kind == "dpo" else train_sft
-    fused = run(m0, data, cfg.replace(fused_objective=True), tmp_path / "fused")
-    plain = run(m0, data, cfg.replace(fused_objective=False), tmp_path / "plain")
-    assert fused.losses == pytest.approx(plain.losses, rel=1e-6) and len(fused.losses) == 3
-    for a, b in zip(fused.metrics, plain.metrics):
-        assert {k: v for k, v in a.items() if k not in ("tokens_per_s", "mfu")} == pytest.approx(
-            {k: v for k, v in b.items() if k not in ("tokens_per_s", "mfu")}, rel=1e-6, abs=1e-6)
-    got, want = load_pretrained(tmp_path / "fused").state_dict(), load_pretrained(tmp_path / "plain").state_dict()
-    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
-
-
 # --- config errors --------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, key", [(dict(global_batch=10, micro_batch=4), "global_batch"),
-                                         (dict(loss_type="kto"), "loss_type"),
+                                         (dict(log_every=0), "log_every"),
                                          (dict(min_lr=1.0), "min_lr"),
                                          (dict(dtype="fp8"), "dtype")])
 def test_bad_config_is_one_line_naming_the_key_before_any_work(change, key, examples, tmp_path):

@@ -9,7 +9,7 @@ from loop.judge import load_template, parse_score
 from loop.world import World, WorldConfig, grader_unavailable
 from loop.world.grader import GraderUnavailable, grade
 from loop.world.tasks import FAMILIES, parse_task, run_checks, sample_task
-from model.config import ConfigError
+from common.errors import ConfigError
 
 # A hand-written correct and a hand-written wrong answer (with the score the grader must give) per family.
 CASES = [

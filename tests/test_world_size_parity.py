@@ -24,7 +24,8 @@ pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "dist_scripts" / "world_parity.py"
 CFG = dict(lr=2e-3, min_lr=2e-4, global_batch=4, dropout=0.0, grad_clip=1.0, log_every=5, checkpoint_every=0,
-           zero_stage=3, seed=5, max_steps=20, nll_weight=0.5)
+           zero_stage=3, seed=5, max_steps=20)
+OBJECTIVE = dict(nll_weight=0.5)  # the DPO objective's own section
 BATCHINGS = {"same_micro": {"micro_batch": 2}, "derived_micro": {"micro_batch": 4}}
 
 
@@ -40,7 +41,8 @@ def losses(tmp_path_factory):
 
     sft = [[ids(2 + i % 5), ids(3 + i % 9)] for i in range(80)]
     pairs = [[f"p{i}", ids(2 + i % 3), ids(3 + i % 6), ids(2 + i % 7)] for i in range(80)]
-    (work / "data.json").write_text(json.dumps({"cfg": CFG, "batchings": BATCHINGS, "sft": sft, "pairs": pairs}))
+    (work / "data.json").write_text(json.dumps({"cfg": CFG, "objective": OBJECTIVE, "batchings": BATCHINGS, "sft": sft,
+                                                "pairs": pairs}))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(SCRIPT), str(work), "two"], env=env, capture_output=True, text=True, timeout=600)

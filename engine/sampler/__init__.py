@@ -1,9 +1,11 @@
 """Paged-KV batched sampler: generation and judging in-process on the training weights.
 
 Split by job: block_manager (KV blocks, prefix cache), sequence (per-sample state), scheduler
-(continuous batching, preemption), runner (varlen forward through the model's attention hook),
-paged_attention (the backend), sampling (next-token choice, stops), sampler (public API),
-distributed (data-parallel generate), tensor_parallel (TP groups and this rank's model shard).
+(continuous batching, preemption, appending sampled tokens and finishing), runner (varlen forward through
+the model's attention hook, KV cache sizing), kv_sizing (the sizing arithmetic and memory probes),
+attention/ (the torch and Triton paged attention backends), decode_graphs (CUDA graphs of decode steps),
+sampling (next-token choice, stop strings), sampler (public API), distributed (data-parallel generate),
+tensor_parallel (TP groups and this rank's model shard).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The public Sampler: requests in, completions out, prompt-major.
 
 Glues the parts: SamplingParams -> Sequences (one per sample) -> Scheduler (who runs) -> ModelRunner
-(logits) -> sample_next (tokens) -> stop checks. The KV cache is allocated on the first generate and
-kept until release(). Under ZeRO-3, gather once per generation phase and sample on the gathered
-weights, e.g. `with GatheredParameters(params): s = Sampler(module); s.generate(...); s.release()`.
+(logits) -> sample_next (tokens) -> Scheduler.postprocess (append, stop checks, finish) -> Completions.
+The runner sizes the KV cache when the Sampler is built (engine/sampler/kv_sizing.py), allocates it on the
+first generate and keeps it until release(). Under ZeRO-3, gather once per generation phase and sample on
+the gathered weights, e.g. `with GatheredParameters(params): s = Sampler(module); s.generate(...); s.release()`.
 Cached prefixes and CUDA graphs are dropped automatically when the weights change between calls.
 
 A tensor-parallel shard (engine/sampler/tensor_parallel.py) works the same on every rank of its group: the
@@ -21,12 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockManager
-from .runner import ModelRunner, kv_bytes_per_block
-from .sampling import SamplingParams, find_stop, sample_next, stop_window
+from .runner import ModelRunner
+from .sampling import SamplingParams, find_stop, sample_next
 from .scheduler import Scheduler
 from .sequence import Sequence
-
-_CPU_DEFAULT_CAP = 2 << 30  # a fraction of host RAM can be tens of GB; the CPU sampler never needs that
 
 
 @dataclass
@@ -39,29 +38,6 @@ class Completion:
     logprobs: list[float] | None = None  # one per token_ids entry when SamplingParams.logprobs
 
 
-def num_blocks_for(config, kv_memory: float | int, block_size: int, dtype: torch.dtype, device: torch.device,
-                   max_num_seqs: int) -> int:
-    per_block = kv_bytes_per_block(config, block_size, dtype)
-    if isinstance(kv_memory, float) and 0.0 < kv_memory <= 1.0:
-        if device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-            budget = int(free * kv_memory)
-        else:
-            import psutil
-
-            budget = min(int(psutil.virtual_memory().available * kv_memory), _CPU_DEFAULT_CAP)
-    elif isinstance(kv_memory, (int, float)) and kv_memory > 1:
-        budget = int(kv_memory)
-    else:
-        raise ValueError(f"sampler: kv_memory={kv_memory!r} must be bytes (> 1) or a fraction in (0, 1]")
-    # More blocks than every sequence slot filled to the context window only lengthens the prefix cache.
-    useful = max_num_seqs * -(-config.max_seq_len // block_size) + 1
-    num_blocks = min(budget // per_block, useful)
-    if num_blocks < 1:
-        raise ValueError(f"sampler: kv_memory={kv_memory!r} holds no KV block ({per_block} bytes each)")
-    return num_blocks
-
-
 class Sampler:
     def __init__(self, model, *, tokenizer=None, kv_memory: float | int = 0.3, block_size: int = 16,
                  max_num_seqs: int = 256, max_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
@@ -71,16 +47,12 @@ class Sampler:
         # The full model's config (vocab, context, eos); model.config of a shard has its local head counts.
         self.config = model.config if self.tp is None else self.tp.config
         self.tokenizer = tokenizer
-        param = next(model.parameters())
-        num_blocks = num_blocks_for(model.config, kv_memory, block_size, param.dtype, param.device, max_num_seqs)
-        if self.tp is not None:
-            # Free memory differs per rank, but the ranks must schedule identically (same blocks).
-            num_blocks = self.tp.agree_min(num_blocks, param.device)
-            # Capturing the per-layer NCCL all-reduces in CUDA graphs is not verified yet: eager decode under TP.
-            cuda_graphs = False
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, attention_impl, cuda_graphs, max_num_seqs)
+        # The runner sizes the KV cache (under TP: the group's minimum) and picks the attention backend.
+        self.runner = ModelRunner(model, kv_memory, block_size, max_num_seqs, max_batched_tokens, attention_impl,
+                                  cuda_graphs)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens,
+                                   decode=tokenizer.decode if tokenizer is not None else None)
         self._stats: dict = {}
         self._next_seq_id = 0
         self._weights_key = self._current_weights_key()
@@ -192,28 +164,21 @@ class Sampler:
             while sched.has_work():
                 scheduled = sched.schedule()
                 sampling, logits = self.runner.run(scheduled)
-                for seq, n in scheduled:
-                    seq.num_computed += n
                 steps += 1
-                if not sampling:
-                    continue
-                tokens, logprobs = self._sample(sampling, logits)
-                if self.tp is not None:
-                    # Same logits and seeds would give the same tokens, but unseeded requests draw a seed per
-                    # rank and all-reduce results are not promised bitwise equal everywhere: one diverging
-                    # token would desynchronize the schedules and hang the collectives. One small broadcast.
-                    tokens, logprobs = self.tp.broadcast_tokens(tokens, logprobs, logits.device)
-                generated += len(tokens)
-                for k, (seq, tok) in enumerate(zip(sampling, tokens)):
-                    seq.token_ids.append(tok)
-                    if seq.logprobs is not None:
-                        seq.logprobs.append(logprobs[k])
-                    reason = self._finish_reason(seq, tok)
-                    if reason is not None:
-                        sched.finish(seq, reason)
-                        results[seq.prompt_index, seq.sample_index] = self._completion(seq)
-                        if bar is not None:
-                            bar.update(1)
+                tokens, logprobs = [], None
+                if sampling:
+                    tokens, logprobs = self._sample(sampling, logits)
+                    if self.tp is not None:
+                        # Same logits and seeds would give the same tokens, but unseeded requests draw a seed
+                        # per rank and all-reduce results are not promised bitwise equal everywhere: one
+                        # diverging token would desynchronize the schedules and hang the collectives. One
+                        # small broadcast.
+                        tokens, logprobs = self.tp.broadcast_tokens(tokens, logprobs, logits.device)
+                    generated += len(tokens)
+                for seq in sched.postprocess(scheduled, sampling, tokens, logprobs):
+                    results[seq.prompt_index, seq.sample_index] = self._completion(seq)
+                    if bar is not None:
+                        bar.update(1)
         finally:
             self.model.train(was_training)
             if bar is not None:
@@ -236,19 +201,6 @@ class Sampler:
         gens = [None if s.params.temperature == 0 else s.generator for s in seqs]
         want_logprobs = any(s.logprobs is not None for s in seqs)
         return sample_next(logits, temps, top_ps, top_ks, gens, want_logprobs)
-
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        if tok in seq.stop_ids:
-            return "stop"
-        stops = seq.params.stop
-        if stops:
-            window = seq.token_ids[max(seq.num_prompt_tokens, len(seq.token_ids) - stop_window(stops)):]
-            if find_stop(self.tokenizer.decode(window), stops) >= 0:
-                seq.stopped_by_string = True  # located exactly in the full text when the completion is built
-                return "stop"
-        if len(seq.token_ids) >= seq.max_len:
-            return "length"
-        return None
 
     def _completion(self, seq: Sequence) -> Completion:
         gen = seq.generated_ids

@@ -4,18 +4,25 @@ Running sequences go first (decode, or the next chunk of a long prompt), then wa
 while the step's token budget, the sequence cap and the free blocks allow. When a running sequence needs
 a block and none is free, the youngest running sequences are preempted: their blocks are released (hashed
 blocks stay cached, so with prefix caching the recompute is mostly a cache hit) and they go back to the
-front of the queue. No tensors here.
+front of the queue. After each step, postprocess advances what the step computed, appends the sampled
+tokens and finishes the sequences that stop (stop token, stop string, max_new_tokens or the context window,
+both of which Sequence.max_len holds). No tensors here.
 """
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from .block_manager import BlockManager
+from .sampling import find_stop, stop_window
 from .sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int):
+    """decode: token ids -> text, for SamplingParams.stop strings (None: no tokenizer, none may be asked)."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int,
+                 decode: Callable[[list[int]], str] | None = None):
         if max_num_seqs <= 0 or max_batched_tokens <= 0:
             raise ValueError(
                 f"Scheduler: max_num_seqs={max_num_seqs} and max_batched_tokens={max_batched_tokens} must be positive"
@@ -23,6 +30,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.decode = decode
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -89,6 +97,38 @@ class Scheduler:
             scheduled.append((seq, num_tokens))
             budget -= num_tokens
         return scheduled
+
+    def postprocess(self, scheduled: list[tuple[Sequence, int]], sampling: list[Sequence], tokens: list[int],
+                    logprobs: list[float] | None = None) -> list[Sequence]:
+        """After a step ran scheduled: its tokens now have K/V; sampling[k] drew tokens[k] (with logprobs[k]
+        when it asked for them). Returns the sequences this step finished, in sampling order."""
+        for seq, n in scheduled:
+            seq.num_computed += n
+        finished = []
+        for k, (seq, tok) in enumerate(zip(sampling, tokens)):
+            seq.token_ids.append(tok)
+            if seq.logprobs is not None:
+                seq.logprobs.append(logprobs[k])
+            reason = self.finish_reason(seq, tok)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        """Why seq ends with tok: "stop" (a stop token, or a stop string in the newest text), "length"
+        (max_len reached), or None (it goes on)."""
+        if tok in seq.stop_ids:
+            return "stop"
+        stops = seq.params.stop
+        if stops:
+            window = seq.token_ids[max(seq.num_prompt_tokens, len(seq.token_ids) - stop_window(stops)):]
+            if find_stop(self.decode(window), stops) >= 0:
+                seq.stopped_by_string = True  # located exactly in the full text when the completion is built
+                return "stop"
+        if len(seq.token_ids) >= seq.max_len:
+            return "length"
+        return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -9,6 +9,8 @@ Contract with the loop (docs/CONTRACTS.md):
   - `build_m0(cache_dir) -> (checkpoint_dir, tokenizer_path)`: HF checkpoint of the pretrained tiny
     Llama (tokenizer.model copied in), cached under cache_dir/m0-<hash of config and world source>.
   - `judge_template_path`: loop/world/judge_template.txt (slots <INSTRUCTION_HERE>, <RESPONSE_HERE>).
+  - `validation_prompts(n) -> list[dict]`: n fresh {"id", "prompt"} for checkpoint selection, drawn from
+    their own stream of cfg.seed and sharing no instruction with the seed splits (loop/checkpoint_select.py).
   - `is_valid_prompt(text) -> bool`: text is one solvable instruction of this world (the keyword and
     length filter for self-generated prompts; needs no grader).
   - `grade(instruction, response) -> Grade(score, correct, justification)`: ground truth, for seed
@@ -16,12 +18,13 @@ Contract with the loop (docs/CONTRACTS.md):
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from .config import WorldConfig
 from .grader import Grade, GraderUnavailable, grade, grader_unavailable
 from .seed import build_seed_records, write_jsonl
-from .tasks import parse_task
+from .tasks import parse_task, sample_task
 
 __all__ = ["World", "WorldConfig", "Grade", "GraderUnavailable", "grader_unavailable"]
 
@@ -53,6 +56,18 @@ class World:
 
     def seed_instructions(self) -> set[str]:
         return {r["prompt"] for records in self.seed_records().values() for r in records}
+
+    def validation_prompts(self, n: int) -> list[dict]:
+        # A stream of its own, so the seed splits (and the M0 cache keyed on them) stay as they are.
+        rng, seen, out = random.Random(f"world-valid-{self.cfg.seed}"), self.seed_instructions(), []
+        for _ in range(50 * n + 1000):
+            if len(out) == n:
+                return out
+            task = sample_task(rng)
+            if task.text not in seen:
+                seen.add(task.text)
+                out.append({"id": f"valid-{len(out):05d}", "prompt": task.text})
+        raise ValueError(f"loop/world: cannot draw {n} validation prompts outside the seed splits (world too small)")
 
     def build_m0(self, cache_dir: str | Path, log=print, metrics=None) -> tuple[Path, Path]:
         from .m0 import build_m0

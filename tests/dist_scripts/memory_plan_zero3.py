@@ -14,8 +14,8 @@ import torch
 from engine.config import TrainConfig
 from engine.data import SFTExample, collate_sft
 from engine.distributed import init_distributed
-from engine.runners import DeepSpeedRunner
-from engine.steps import sft_objective
+from engine.train_backends import DeepSpeedRunner
+from engine.objectives import SFTObjective
 from engine.zero3 import local_numel, open_init
 
 model_dir, out = sys.argv[1], sys.argv[2]
@@ -26,8 +26,8 @@ runner.train(True)
 g = torch.Generator().manual_seed(dist.rank)
 ids = lambda n: torch.randint(3, 200, (n,), generator=g).tolist()
 batch = collate_sft([SFTExample(ids(8), ids(24)) for _ in range(2)], max_len=64, device=dist.device)
-logp_sum, _ = runner.forward(batch["input_ids"], batch["targets"], batch["mask"])
-runner.backward(sft_objective(logp_sum, batch["num_tokens"] * dist.world_size)[0])
+logp_sum, count = runner.forward(batch["input_ids"], batch["targets"], batch["mask"])
+runner.backward(SFTObjective().loss(batch, logp_sum, count, batch["num_tokens"] * dist.world_size))
 runner.step()
 
 seen: set[int] = set()

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.config import TrainConfig
+from engine.config import DPOConfig, TrainConfig
 from engine.data import PreferencePair, SFTExample
 from engine.distributed import init_distributed
 from engine.trainer import compute_reference_logprobs, train_dpo, train_sft
@@ -24,7 +24,8 @@ def main(workdir: Path, tag: str) -> None:
         cfg = TrainConfig(**{**data["cfg"], **batching})
         sft = train_sft(workdir / "m0", examples, cfg, workdir / f"{tag}_{name}_sft", resume=False)
         ref = compute_reference_logprobs(workdir / "m0", pairs, cfg)
-        dpo = train_dpo(workdir / "m0", ref, cfg, workdir / f"{tag}_{name}_dpo", resume=False)
+        dpo_cfg = DPOConfig.extend(cfg, **data["objective"])
+        dpo = train_dpo(workdir / "m0", ref, dpo_cfg, workdir / f"{tag}_{name}_dpo", resume=False)
         out[name] = {"sft": sft.losses, "dpo": dpo.losses, "micro_batch": [sft.micro_batch, dpo.micro_batch]}
     (workdir / f"{tag}_rank{dist.rank}.json").write_text(json.dumps(out))
 

@@ -7,17 +7,19 @@ the parity reference for the ZeRO-3 tests, the 1-process default on CPU (no ZeRO
 world that has nothing to shard), and the GPU path where DeepSpeed is not installed.
 
 Mixed precision in the torch runner mirrors DeepSpeed's bf16 mode: bf16 weights run the model, fp32
-master weights and AdamW state take the update, gradients accumulate in fp32.
+master weights and AdamW state take the update, gradients accumulate in fp32. `compile` compiles each
+decoder layer in both runners (compile_layers).
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from common.atomic import atomic_write, atomic_write_text
 
 from model.llama import Llama, rope_inv_freq
 from model.weight_loading import CheckpointReader, materialize
@@ -67,16 +69,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def compile_layers(model: Llama, zero3: bool) -> None:
+    """torch.compile each decoder layer (the lm_head and the fused objective stay eager: their chunk
+    planning is data-dependent). Under ZeRO-3 each layer is first made a DeepSpeed leaf module (its
+    parameters fetched by one hook on the layer, none on its children) and only its forward is compiled,
+    so ZeRO's fetch/release hooks run eagerly around the compiled region; compiling the module's call
+    instead traces those hooks, recompiling per submodule type until dynamo falls back to eager."""
+    for layer in model.layers:
+        if zero3:
+            from deepspeed.utils import set_z3_leaf_module
+
+            set_z3_leaf_module(layer, True)  # before deepspeed.initialize, which registers the hooks
+            layer.forward = torch.compile(layer.forward)
+        else:
+            layer.compile()
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -113,8 +123,7 @@ class TorchRunner:
             groups = [{**g, "params": [by_id[id(p)] for p in g["params"]]}
                       for g in param_groups(model, cfg.weight_decay)]
         if cfg.compile:
-            for layer in model.layers:
-                layer.compile()
+            compile_layers(model, zero3=False)
         self.module = PolicyLoss(model, cfg.kernel_impl)
         self.params = params
         self.optimizer = make_adamw(groups, cfg)
@@ -165,9 +174,9 @@ class TorchRunner:
         names = [n for n, _ in self.module.model.named_parameters()]
         state = {"model": {n: w.detach() for n, w in zip(names, weights)}, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "client": client_state, "rng": rng_state()}
-        _atomic_save(state, ckpt_dir / f"{tag}.pt")
-        _atomic_text("1", ckpt_dir / WORLD_FILE)
-        _atomic_text(tag, ckpt_dir / LATEST)
+        _save(state, ckpt_dir / f"{tag}.pt")
+        atomic_write_text(ckpt_dir / WORLD_FILE, "1")
+        atomic_write_text(ckpt_dir / LATEST, tag)
 
     def load(self, ckpt_dir: Path) -> dict | None:
         tag = latest_tag(ckpt_dir)
@@ -211,6 +220,8 @@ class DeepSpeedRunner:
         else:
             model = load_full_model(reader, dtype, dist.device)
         model.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.compile and train:  # the reference pass is one forward per batch: nothing to amortize
+            compile_layers(model, zero3=cfg.zero_stage == 3)
         module = PolicyLoss(model, cfg.kernel_impl)
         optimizer = scheduler = None
         if train:
@@ -247,12 +258,12 @@ class DeepSpeedRunner:
         # DeepSpeed writes the sharded model + optimizer state of every rank, the scheduler, and the
         # client state (rank 0's file); RNG streams differ per rank, so each rank adds its own file.
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        _atomic_save(rng_state(), ckpt_dir / tag / f"rng_rank{self.dist.rank}.pt")
+        _save(rng_state(), ckpt_dir / tag / f"rng_rank{self.dist.rank}.pt")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         if self.dist.is_main:
-            _atomic_text(str(self.dist.world_size), ckpt_dir / WORLD_FILE)
-            _atomic_text(tag, ckpt_dir / LATEST)
+            atomic_write_text(ckpt_dir / WORLD_FILE, str(self.dist.world_size))
+            atomic_write_text(ckpt_dir / LATEST, tag)
 
     def load(self, ckpt_dir: Path) -> dict | None:
         tag = latest_tag(ckpt_dir)
