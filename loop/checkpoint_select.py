@@ -97,10 +97,10 @@ def select_checkpoint(*, sampler_for: Callable[[Path], object], judge: Callable[
     judge_sampler, judge_tok, judge_name = judge()
     template = load_pairwise_template(cfg.eval.pairwise_template)
     ec, results = cfg.eval, []
+    # Answers went through rank 0's records; every rank builds the same judge prompts from them.
+    theirs = broadcast_object(reference if dist.is_main else None, dist)
     for c in candidates:
-        # Answers went through rank 0's records; every rank builds the same judge prompts from them.
         mine = broadcast_object(answers[c.name] if dist.is_main else None, dist)
-        theirs = broadcast_object(reference if dist.is_main else None, dist)
         # A prompt too long for the context with the answer budget has no answers: the same for all.
         both = [p for p in prompts if p["id"] in mine and p["id"] in theirs]
         records = judge_match(judge_sampler, judge_tok, dist, template=template, prompts=both, answers_a=mine,
