@@ -35,6 +35,7 @@ MODEL_METRICS = (
     ("judge Spearman", ("reward_model", "spearman")),
     ("judge Kendall tau", ("reward_model", "kendall_tau")),
     ("judge parse rate", ("reward_model", "parse_rate")),
+    ("judge self-pair %", ("self_pairs", "accuracy")),
     ("response tokens", ("length", "mean_tokens")),
 )
 

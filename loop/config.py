@@ -174,6 +174,10 @@ class EvalConfig:
     reward_metrics: bool = True  # Table 4 metrics of each model as judge on eft_eval
     judge_k: int = 1  # judgments per EFT-eval example for the reward metrics
     judge_temperature: float = 0.0  # sampling temperature of the reward-metric judgments (0 = greedy)
+    # Self-pair accuracy (loop/self_pairs.py): on this many held-out prompts the model samples responses and
+    # judges them as AIFT stages 2-3 do, and the grader says whether the judge orders them right. Needs a
+    # grader (data.source = world); 0 = off.
+    self_pairs: int = 100
     # Head to head without a grader (the paper's GPT-4 evaluation): a pairwise judge compares each model's
     # answers with the SFT baseline's and the previous model's, in both presentation orders.
     pairwise: bool = True
@@ -271,6 +275,8 @@ class LoopConfig:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) <= 0:
                 bad(key, "must be positive")
+        if self.eval.self_pairs < 0:
+            bad("eval.self_pairs", "must be >= 0 (0 = off)")
         if self.prompts.attempts_factor < 1.0:
             bad("prompts.attempts_factor", "must be >= 1")
         if self.responses.n < 2:

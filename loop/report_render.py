@@ -201,7 +201,25 @@ def _evaluation(data: dict, plots: _Plots) -> list[str]:
                      f"| {_fmt(rm.get('exact_match'), 1)} | {_fmt(rm.get('spearman'))} "
                      f"| {_fmt(rm.get('kendall_tau'))} | {_fmt(rm.get('parse_rate'))} "
                      f"| {_fmt(gr.get('mean_score'), 2)} | {_fmt(gr.get('accuracy'), 1)} |")
-    return lines + [""] + plots.embed("lengths.png", "metrics.png")
+    return lines + [""] + _self_pairs(data) + plots.embed("lengths.png", "metrics.png")
+
+
+def _self_pairs(data: dict) -> list[str]:
+    """Does each model's judge order its own sampled responses as the grader does (loop/self_pairs.py)?"""
+    rows = []
+    for name, e in data["evals"].items():
+        sp = e.get("self_pairs")
+        if sp:
+            rows.append([name, _fmt(sp.get("accuracy"), 1), _fmt(sp.get("agree")), _fmt(sp.get("disagree")),
+                         _fmt(sp.get("tie")), _fmt(sp.get("num_pairs")), _fmt(sp.get("prompts")),
+                         _fmt(sp.get("prompts_with_pair"), 1), _fmt(sp.get("unscored"))])
+    if not rows:
+        return []
+    return ["Self-pair accuracy: on held-out prompts each model samples responses and judges them as AIFT "
+            "stages 2-3 do; over the pairs of one prompt's responses the grader scores differently, the share the "
+            "judge orders as the grader does (a tie counts half, so 50 is chance).", ""] + _table(
+        ["model", "self-pair acc. %", "agree", "disagree", "tie", "pairs", "prompts", "prompts with a pair %",
+         "unscored responses"], rows)
 
 
 def _win_rates(data: dict, plots: _Plots) -> list[str]:

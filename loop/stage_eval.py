@@ -1,6 +1,7 @@
 """Evaluation stage (7) for one model: generations on the held-out prompts (or the user's eval.prompts_path),
 AlpacaEval export, the model as a reward model on eft_eval (paper Table 4), ground-truth grades when the
-data source has a grader, and the pairwise head to head against earlier models (loop/pairwise.py).
+data source has a grader, the judge's self-pair accuracy on its own sampled answers (loop/self_pairs.py),
+and the pairwise head to head against earlier models (loop/pairwise.py).
 
 The grader is only ever passed here (and to seed building), never to the AIFT stages.
 """
@@ -17,6 +18,7 @@ from .generation import generate_records
 from .judge import judge_records, mean_scores
 from .prompts import chat_ids
 from .pairwise import judge_match, load_pairwise_template, match_summary
+from .self_pairs import measure_self_pairs
 from .records import RecordError, iter_jsonl, read_jsonl, stable_seed, write_jsonl
 from .stages import F, pairwise_file
 
@@ -63,6 +65,10 @@ def eval_model(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, eval_pro
                                      out_path=work / F.RM_JUDGMENTS, k=ec.judge_k,
                                      temperature=ec.judge_temperature, top_p=1.0 if ec.judge_temperature == 0 else
                                      cfg.judge.top_p, stage=f"eval {name}: judge eft_eval")
+    self_pairs = None
+    if grader is not None and ec.self_pairs > 0:  # every rank samples and judges; rank 0 grades
+        self_pairs = measure_self_pairs(sampler, tok, dist, cfg, name=name, prompts=prompts,
+                                        judge_template=judge_template, work=work, grader=grader)
     if not dist.is_main:
         return {}
     write_jsonl(work / F.GENERATIONS, gens)
@@ -87,6 +93,10 @@ def eval_model(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, eval_pro
         summary["grader"] = {"mean_score": sum(g["score"] for g in grades) / n if n else None,
                              "accuracy": 100.0 * sum(g["correct"] for g in grades) / n if n else None,
                              "histogram": score_histogram([g["score"] for g in grades])}
+    if self_pairs is not None:
+        summary["self_pairs"], responses, judgments = self_pairs
+        write_jsonl(work / F.SELF_RESPONSES, responses)
+        write_jsonl(work / F.SELF_JUDGMENTS, judgments)
     return summary
 
 

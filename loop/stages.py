@@ -37,6 +37,7 @@ class F:
     # eval
     GENERATIONS, ALPACA_EVAL = "generations.jsonl", "alpaca_eval.json"
     RM_JUDGMENTS, GRADES = "rm_judgments.jsonl", "grades.jsonl"
+    SELF_RESPONSES, SELF_JUDGMENTS = "self_responses.jsonl", "self_judgments.jsonl"
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ REF_LOGPROBS = Stage("5_ref_logprobs", PER_ITERATION, (F.PAIRS,), ("4_pairs",),
                      "the pairs with M_t's reference log-probs")
 DPO = Stage("6_dpo", PER_ITERATION, (), ("5_ref_logprobs",), "DPO of M_t on the pairs -> M_{t+1}")
 SELECT = Stage("7_select", PER_ITERATION, (F.CHOICE,), ("6_dpo",), "which DPO checkpoint becomes M_{t+1}")
-EVAL = Stage("eval", PER_MODEL, (F.GENERATIONS, F.ALPACA_EVAL, F.RM_JUDGMENTS, F.GRADES), ("seed", "eft", "eval"),
-             "held-out generations, reward-model metrics, grades, pairwise matches")
+EVAL = Stage("eval", PER_MODEL, (F.GENERATIONS, F.ALPACA_EVAL, F.RM_JUDGMENTS, F.GRADES, F.SELF_RESPONSES,
+                                 F.SELF_JUDGMENTS), ("seed", "eft", "eval"),
+             "held-out generations, reward-model metrics, grades, self-pair accuracy, pairwise matches")
 
 # In the order the orchestrator runs them (loop/iterate.py: Loop.run); META_JUDGE only with meta.enabled.
 BEFORE_ITERATIONS = (SEED, M0, SFT, EFT)

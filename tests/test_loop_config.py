@@ -33,6 +33,7 @@ def test_overrides_and_types():
     ("run.seed=abc", "run.seed='abc' must be an integer"),
     ("pairs.length_control=maybe", "pairs.length_control='maybe' must be true or false"),
     ("responses.n=1", "responses.n must be >= 2"),
+    ("eval.self_pairs=-1", "eval.self_pairs must be >= 0"),
     ("judge.top_p=0", "judge.top_p must be in"),
     ("data.source=web", "data.source is 'web': unknown"),
     ("dpo.objective.loss_type=xx", "dpo.objective.loss_type='xx' is unknown"),

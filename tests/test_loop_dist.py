@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ONE_RANK + ["sft.zero_stage=3", "dpo.zero_stage=3"]
 GENERATED = ("iter_1/1_prompts/prompts.jsonl", "iter_1/2_responses/responses.jsonl",
              "iter_1/3_judgments/judgments.jsonl", "iter_1/4_pairs/pairs.jsonl",
-             "iter_1/4_pairs/outcomes.jsonl")
+             "iter_1/4_pairs/outcomes.jsonl",
+             # M2's eval runs on 2 ranks in the "two" run: its self-pair samples and judgments too
+             "eval/M2/self_responses.jsonl", "eval/M2/self_judgments.jsonl")
 # kept when a run is cut back to M1: everything before the first AIFT stage
 KEEP = ("manifest.json", "seed", "m0", "sft", "eft", "eval/sft_baseline", "eval/M1", "models/M0",
         "models/sft_baseline", "models/M1")

@@ -119,8 +119,21 @@ def test_full_run_produces_every_artifact(runs):
         assert json.loads((e / "done.json").read_text())["reward_model"]["num_groups"] == 3
         assert len(json.loads((e / "alpaca_eval.json").read_text())) == 6
         assert len(read_jsonl(e / "grades.jsonl", ("id", "score"))) == 6
+        # self-pair accuracy: 6 prompts x responses.n (4) sampled, each judged judge.k (3) times, and the
+        # summary recomputes from the records written beside it
+        own = read_jsonl(e / "self_responses.jsonl", ("id", "prompt_id", "text", "grade"))
+        own_judgments = read_jsonl(e / "self_judgments.jsonl", ("id", "target_id", "score"))
+        assert len(own) == 24 and len(own_judgments) == 72
+        assert all(r["grade"] == grade(next(p["prompt"] for p in read_jsonl(run / "seed" / "eval_prompts.jsonl")
+                                            if p["id"] == r["prompt_id"]), r["text"]).score for r in own)
+        from loop.judge import mean_scores
+        from loop.self_pairs import self_pair_accuracy
+        sp = json.loads((e / "done.json").read_text())["self_pairs"]
+        want = self_pair_accuracy(own, {r["id"]: r["grade"] for r in own}, mean_scores(own_judgments))
+        assert {k: sp[k] for k in want} == want and sp["prompts"] == 6
     report = (run / "report.md").read_text()
     assert "## Iteration 1" in report and "pairs built" in report and "judge parse rate" in report
+    assert "self-pair acc. %" in report
     assert "M2 vs M1" in report
     for png in ("score_distribution.png", "lengths.png", "metrics.png"):
         assert (run / "plots" / png).stat().st_size > 1000
