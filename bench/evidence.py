@@ -36,6 +36,7 @@ MODEL_METRICS = (
     ("judge Kendall tau", ("reward_model", "kendall_tau")),
     ("judge parse rate", ("reward_model", "parse_rate")),
     ("judge self-pair %", ("self_pairs", "accuracy")),
+    ("vote self-pair %", ("self_pairs", "vote", "accuracy")),
     ("response tokens", ("length", "mean_tokens")),
 )
 

@@ -114,7 +114,9 @@ class ResponseConfig:
 @dataclass(frozen=True)
 class JudgeConfig:
     template: str = "paper"  # "paper" (Figure 2), "world" (the world's own), or a file path
-    mode: str = "sampled"  # "sampled": parse "Score: n" (the paper); "expected": E[score token] (loop/expected_score.py)
+    # "sampled": parse "Score: n" (the paper); "expected": E[score token] (loop/expected_score.py); "vote":
+    # 5 x the share of the prompt's responses giving the same answer, no LLM judge (loop/vote.py, ScPO)
+    mode: str = "sampled"
     k: int = 3  # sampled judgments per response, averaged
     temperature: float = 0.7  # sampling temperature of the judgments
     top_p: float = 0.9  # nucleus sampling of the judgments
@@ -287,8 +289,10 @@ class LoopConfig:
                 bad(key, "must be in (0, 1]")
         if self.judge.template not in ("paper", "world") and not Path(self.judge.template).is_file():
             bad("judge.template", f"is {self.judge.template!r}: not 'paper', 'world' or a file")
-        if self.judge.mode not in ("sampled", "expected"):
-            bad("judge.mode", f"is {self.judge.mode!r}: unknown (known: sampled, expected)")
+        if self.judge.mode not in ("sampled", "expected", "vote"):
+            bad("judge.mode", f"is {self.judge.mode!r}: unknown (known: sampled, expected, vote)")
+        if self.judge.mode == "vote" and self.meta.enabled:
+            bad("meta.enabled", "needs an LLM judge to meta-judge (judge.mode sampled or expected, not vote)")
         if self.judge.template == "world" and self.data.source != "world":
             bad("judge.template", "= 'world' needs data.source = world")
         if self.eval.pairwise_judge is not None and not Path(self.eval.pairwise_judge).exists():

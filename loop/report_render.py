@@ -139,8 +139,10 @@ def _scores(data: dict, plots: _Plots) -> list[str]:
         return lines + [f"No judgments yet: no {S.iteration_dir('t')}/{S.JUDGMENTS.name} stage has finished.", ""]
     mode = (data.get("config") or {}).get("judge_mode")
     how = {"expected": "the expected score under the judge, rounded",
-           "sampled": "the parsed \"Score: n\", rounded; unparsable: none found"}.get(mode, "rounded")
-    lines += [f"Every judgment (K per response; {how}):", ""]
+           "sampled": "the parsed \"Score: n\", rounded; unparsable: none found",
+           "vote": "judge.mode=vote, no LLM judge: 5 x the share of the prompt's responses giving the same answer, "
+                   "rounded (loop/vote.py)"}.get(mode, "rounded")
+    lines += [f"Every judgment ({'one per response' if mode == 'vote' else 'K per response'}; {how}):", ""]
     lines += _table(["iteration"] + SCORES + ["unparsable", "judgments"],
                     [[it["t"]] + [(it[S.JUDGMENTS.name].get("histogram") or {}).get(k, 0) for k in SCORES]
                      + [(it[S.JUDGMENTS.name].get("histogram") or {}).get("none", 0),
@@ -212,14 +214,17 @@ def _self_pairs(data: dict) -> list[str]:
         if sp:
             rows.append([name, _fmt(sp.get("accuracy"), 1), _fmt(sp.get("agree")), _fmt(sp.get("disagree")),
                          _fmt(sp.get("tie")), _fmt(sp.get("num_pairs")), _fmt(sp.get("prompts")),
-                         _fmt(sp.get("prompts_with_pair"), 1), _fmt(sp.get("unscored"))])
+                         _fmt(sp.get("prompts_with_pair"), 1), _fmt(sp.get("unscored")),
+                         _fmt((sp.get("vote") or {}).get("accuracy"), 1)])
     if not rows:
         return []
     return ["Self-pair accuracy: on held-out prompts each model samples responses and judges them as AIFT "
             "stages 2-3 do; over the pairs of one prompt's responses the grader scores differently, the share the "
-            "judge orders as the grader does (a tie counts half, so 50 is chance).", ""] + _table(
+            "judge orders as the grader does (a tie counts half, so 50 is chance). The last column scores the same "
+            "responses by self-consistency (judge.mode=vote: the share of the prompt's responses giving the same "
+            "answer).", ""] + _table(
         ["model", "self-pair acc. %", "agree", "disagree", "tie", "pairs", "prompts", "prompts with a pair %",
-         "unscored responses"], rows)
+         "unscored responses", "vote self-pair acc. %"], rows)
 
 
 def _win_rates(data: dict, plots: _Plots) -> list[str]:

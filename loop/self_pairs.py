@@ -5,8 +5,10 @@ by the seed builder. What self-rewarding needs is narrower: on N responses the m
 prompt, the judge's scores must order the responses the way the ground-truth grader does, or the max/min
 pairs teach nothing. So, for the first `eval.self_pairs` held-out prompts, the model under evaluation
 samples responses exactly as AIFT stage 2 does (responses.n, .temperature, .top_p, .max_new_tokens) and
-judges them exactly as stage 3 does (judge.k, .temperature, .top_p, .mode, the run's judge template); the
-grader scores every response. Over the response pairs of one prompt with DIFFERENT grades:
+judges them as stage 3 does with the LLM judge (judge.k, .temperature, .top_p, .mode, the run's judge
+template; sampled when judge.mode=vote); the grader scores every response. The same responses are also
+scored by the self-consistency vote (loop/vote.py, judge.mode=vote's score), under "vote". Over the
+response pairs of one prompt with DIFFERENT grades:
 
 - accuracy % = (agree + ties / 2) / pairs (a judge tie is half right, so a constant judge scores 50);
 - agree / disagree / tie: the judge's mean score orders the pair as the grader, the other way, or equally;
@@ -30,6 +32,7 @@ from .judge import judge_records, mean_scores
 from .prompts import chat_ids
 from .records import stable_seed
 from .stages import F
+from .vote import vote_records
 
 
 def self_pair_accuracy(responses: list[dict], grades: dict[str, float], scores: dict[str, float | None]) -> dict:
@@ -89,6 +92,10 @@ def measure_self_pairs(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, 
         return {}, [], []
     for r in responses:
         r["grade"] = float(grader(text[r["prompt_id"]], r["text"]).score)
-    summary = self_pair_accuracy(responses, {r["id"]: r["grade"] for r in responses}, mean_scores(judgments))
+    grades = {r["id"]: r["grade"] for r in responses}
+    summary = self_pair_accuracy(responses, grades, mean_scores(judgments))
+    # the self-consistency vote on the same responses (judge.mode=vote's score; free: nothing is sampled)
+    votes = vote_records([{"id": r["id"], "group": r["prompt_id"], "response": r["text"]} for r in responses])
+    summary["vote"] = self_pair_accuracy(responses, grades, mean_scores(votes))
     summary["samples"] = {"n": rc.n, "temperature": rc.temperature, "judge_k": jc.k, "judge_mode": jc.mode}
     return summary, responses, judgments

@@ -17,6 +17,7 @@ from .config import LoopConfig
 from .eval import score_histogram
 from .generation import generate_records, read_skipped
 from .judge import judge_records, mean_score, scores_by_target
+from .vote import vote_records
 from .pairs import PairRules, build_pairs, mix_judge_pairs
 from .records import read_jsonl, stable_seed, write_jsonl
 from .stages import F
@@ -86,14 +87,20 @@ def gen_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, prompts_path: Pa
 
 def judge_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str, prompts_path: Path,
                     responses_path: Path, work: Path, iteration: int, chunk_hook=None) -> dict:
-    """(3) K sampled judgments per response: work/judgments.jsonl, work/scores.jsonl {"id", "scores", "mean"}."""
+    """(3) K sampled judgments per response (judge.mode=vote: one vote record each, loop/vote.py):
+    work/judgments.jsonl, work/scores.jsonl {"id", "scores", "mean"}."""
     jc = cfg.judge
     prompt_text = {p["id"]: p["prompt"] for p in read_jsonl(prompts_path, ("id", "prompt"))}
     responses = read_jsonl(responses_path, ("id", "prompt_id", "text"))
     items = [{"id": r["id"], "prompt": prompt_text[r["prompt_id"]], "response": r["text"]} for r in responses]
-    judgments = judge_records(sampler, tok, dist, cfg, template=template, items=items,
-                              out_path=work / F.JUDGMENTS, k=jc.k, temperature=jc.temperature,
-                              top_p=jc.top_p, stage=f"iter {iteration}: judge", chunk_hook=chunk_hook)
+    if jc.mode == "vote":  # self-consistency instead of the LLM judge: nothing to sample (loop/vote.py)
+        if not dist.is_main:
+            return {}
+        judgments = vote_records([{"id": r["id"], "group": r["prompt_id"], "response": r["text"]} for r in responses])
+    else:
+        judgments = judge_records(sampler, tok, dist, cfg, template=template, items=items,
+                                  out_path=work / F.JUDGMENTS, k=jc.k, temperature=jc.temperature,
+                                  top_p=jc.top_p, stage=f"iter {iteration}: judge", chunk_hook=chunk_hook)
     if not dist.is_main:
         return {}
     write_jsonl(work / F.JUDGMENTS, judgments)
