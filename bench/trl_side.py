@@ -114,16 +114,17 @@ def run_trl(work: Path) -> dict:
         "chosen": [text(p["chosen_ids"], " ") for p in pairs],
         "rejected": [text(p["rejected_ids"], " ") for p in pairs]})
     model = LlamaForCausalLM.from_pretrained(work / "m0", dtype=torch.float32)
-    # transformers 5 renamed gradient checkpointing (TRL turns it on by default): off under either name.
+    # transformers 5 renamed gradient checkpointing (TRL turns it on by default): set under either name.
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in fields
-                        else "gradient_checkpointing": False}
+    want_checkpointing = settings.get("checkpointing") == "both"
+    checkpointing_arg = {"activation_checkpointing" if "activation_checkpointing" in fields
+                        else "gradient_checkpointing": want_checkpointing}
     args = DPOConfig(
         output_dir=str(work / "trl_out"), per_device_train_batch_size=settings["batch"],
         gradient_accumulation_steps=1, max_steps=settings["steps"], learning_rate=settings["lr"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=settings["beta"], loss_type=["sigmoid"], max_length=settings["max_len"],
-        precompute_ref_log_probs=True, padding_free=False, **no_checkpointing,
+        precompute_ref_log_probs=True, padding_free=False, **checkpointing_arg,
         bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
         dataloader_num_workers=0, seed=settings["seed"], disable_tqdm=True)
     probe = TrainingProbe()
@@ -153,8 +154,9 @@ def run_trl(work: Path) -> dict:
     checkpointing = getattr(trainer.model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = trainer.model.is_gradient_checkpointing
-    if checkpointing:
-        raise SystemExit("trl side: DPOTrainer trained with activation checkpointing on; the benchmark wants it off")
+    if bool(checkpointing) != want_checkpointing:
+        raise SystemExit(f"trl side: DPOTrainer trained with activation checkpointing {'on' if checkpointing else 'off'}; "
+                         f"the benchmark asked for {'on' if want_checkpointing else 'off'}")
     return {"side": "trl", **probe.result(real_tokens(pairs, settings["steps"] * settings["batch"] // len(pairs))),
             "final_loss": output.training_loss, "reference": reference,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

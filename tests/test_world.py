@@ -188,6 +188,29 @@ def test_corpus_excludes_seed_instructions():
     assert corpus_documents(0, 50, forbidden) == docs[:50]
 
 
+def test_copy_documents_only_when_asked():
+    """CorpusMix.copy adds number lists written twice; at 0 (the default) the corpus is the same text as before
+    the kind existed (the hash is of the 2026-12-02 corpus, seed 0, 400 documents)."""
+    import hashlib
+
+    from loop.world.corpus import CorpusMix, corpus_documents
+
+    plain = corpus_documents(0, 400, set())
+    assert hashlib.sha256("\x00".join(plain).encode()).hexdigest()[:16] == PLAIN_CORPUS_400
+    mixed = corpus_documents(0, 400, set(), CorpusMix(copy=0.25))
+    copies = [d for d in mixed if d.startswith("Numbers: ")]
+    assert 0.1 < len(copies) / len(mixed) < 0.3 and not any(d.startswith("Numbers: ") for d in plain)
+    for doc in copies:
+        lines = doc.split("\n")
+        for first, again in zip(lines[::2], lines[1::2]):
+            assert again == "Again: " + first.removeprefix("Numbers: ")
+    with pytest.raises(ConfigError, match="corpus_copy_share"):
+        WorldConfig(corpus_copy_share=1.0)
+
+
+PLAIN_CORPUS_400 = "6d9aa99df8690cdb"  # corpus.py at commit 8e7d8e8
+
+
 def test_build_m0_is_cached(tmp_path):
     from model.checkpoint import load_pretrained
 

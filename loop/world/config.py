@@ -27,6 +27,8 @@ class WorldConfig:
     chat_template: str = "llama2"
     # M0 pretraining (plain next-token loss on the world's corpus; steps, not seconds, so it is reproducible)
     corpus_docs: int = 12000
+    # share of the corpus that is number lists written twice (corpus.py CorpusMix.copy: in-context copying)
+    corpus_copy_share: float = 0.0
     pretrain_steps: int = 800
     pretrain_batch: int = 16
     pretrain_seq_len: int = 256
@@ -51,6 +53,8 @@ class WorldConfig:
             raise ConfigError(f"world config: tokenizer_vocab_size={self.tokenizer_vocab_size} must be in [256, 32000]")
         if self.chat_template not in ("llama2", "llama3", "chatml"):
             raise ConfigError(f"world config: chat_template={self.chat_template!r} must be llama2|llama3|chatml")
+        if not 0.0 <= self.corpus_copy_share < 1.0:
+            raise ConfigError(f"world config: corpus_copy_share={self.corpus_copy_share} must be in [0, 1)")
         for key in ("pretrain_lr", "pretrain_min_lr", "init_std"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"world config: {key}={getattr(self, key)} must be positive")

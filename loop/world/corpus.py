@@ -1,6 +1,6 @@
 """The world's pretraining corpus: the text a base model of this world would have read.
 
-Four kinds of documents, drawn from the same task families as the seed data but never from the
+Four kinds of documents (five with CorpusMix.copy), drawn from the same task families as the seed data but never from the
 seed instructions themselves: tasks with answers ("Task: ... Answer: ..."), reviews of answers
 that spell out the checks ("Task / Response / Review: ... Score: k"), plain facts ("5 + 9 = 14",
 "12 < 18 < 30", "18 is even") and lists of tasks (what self-instruct prompting continues). M0 thus
@@ -25,6 +25,9 @@ class CorpusMix:
     review: float = 0.25
     facts: float = 0.15
     task_list: float = 0.15
+    # Number lists written twice ("Numbers: 21 39 12\nAgain: 21 39 12"): pure in-context copying, the
+    # skill every check of a review needs ("33 in list"). 0 (the default) leaves the corpus unchanged.
+    copy: float = 0.0
 
 
 def _qa_doc(rng: random.Random, forbidden: set[str]) -> str:
@@ -64,6 +67,14 @@ def _fact_line(rng: random.Random) -> str:
     return f"{a} < {x} < {b}"
 
 
+def _copy_doc(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(1, 3)):
+        xs = " ".join(str(rng.randint(0, 99)) for _ in range(rng.randint(2, 8)))
+        lines.append(f"Numbers: {xs}\nAgain: {xs}")
+    return "\n".join(lines)
+
+
 def _facts_doc(rng: random.Random) -> str:
     return "\n".join(_fact_line(rng) for _ in range(rng.randint(4, 8)))
 
@@ -85,7 +96,8 @@ def _fresh_task(rng: random.Random, forbidden: set[str]):
 def corpus_documents(seed: int, n_docs: int, forbidden: set[str], mix: CorpusMix = CorpusMix()) -> list[str]:
     """`n_docs` documents, deterministic for `seed`; no seed instruction (`forbidden`) appears."""
     rng = random.Random(f"world-corpus-{seed}")
-    kinds = ("qa", "review", "facts", "task_list")
+    # "copy" last: at weight 0 it is never drawn and the other kinds' draws are unchanged
+    kinds = ("qa", "review", "facts", "task_list", "copy")
     weights = [getattr(mix, k) for k in kinds]
     docs = []
     for _ in range(n_docs):
@@ -96,6 +108,8 @@ def corpus_documents(seed: int, n_docs: int, forbidden: set[str], mix: CorpusMix
             docs.append(_review_doc(rng, forbidden))
         elif kind == "facts":
             docs.append(_facts_doc(rng))
+        elif kind == "copy":
+            docs.append(_copy_doc(rng))
         else:
             docs.append(_task_list_doc(rng, forbidden))
     return docs

@@ -26,7 +26,7 @@ from model.checkpoint import save_pretrained
 from model.llama import Llama
 
 from .config import WorldConfig
-from .corpus import corpus_documents
+from .corpus import CorpusMix, corpus_documents
 from .tokenizer_train import train_tokenizer
 
 WORLD_DIR = Path(__file__).resolve().parent
@@ -126,7 +126,8 @@ def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str],
         return ckpt, ckpt / "tokenizer.model"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts)
+    share = cfg.corpus_copy_share  # the other kinds' weights sum to 1: copy = share / (1 - share) of them
+    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts, CorpusMix(copy=share / (1.0 - share)))
     tok_path = train_tokenizer(tokenizer_texts(docs, judge_template), root / "tokenizer.model",
                                cfg.tokenizer_vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))

@@ -1,0 +1,95 @@
+"""Can a world model read numbers off its context? Teacher-forced accuracy on fresh reviews (issue #13).
+
+  python bench/copy_probe.py .cache/world/m0-<key>/checkpoint            # M0, the corpus's review format
+  python bench/copy_probe.py runs/cpu_default/models/M1 --chat           # M1, the world judge prompt
+
+A review spells out each check with the numbers it checks ("numbers: yes. count 1: yes. 45 < 49 < 56: yes.
+49 is even: no. Score: 3"). On `--n` reviews of fresh tasks (seeded, with candidates of every grade, as the
+seed builder draws them) the model reads the whole review teacher-forced, and its argmax at each token is
+compared with the review's:
+- copied numbers: number pieces that already occur in the task or the response (the judge must copy them);
+- other numbers: computed ones (a sum, a count);
+- verdicts: the "yes" / "no" after each check, and the score after "Score:".
+Greedy judging fails where the copy fails, so the first number says most. Prints one line per model.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+_NUMBER = re.compile(r"\d+")
+
+
+def reviews(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(task text, response, grader's review) for n fresh tasks."""
+    from loop.world.grader import justification_for
+    from loop.world.seed import candidates_by_score
+    from loop.world.tasks import sample_task
+
+    rng = random.Random(f"copy-probe-{seed}")
+    out = []
+    for _ in range(n):
+        task = sample_task(rng)
+        by_score = candidates_by_score(task, rng, tries=6)
+        response = rng.choice(by_score[rng.choice(sorted(by_score))])
+        out.append((task.text, response, justification_for(task, response)[1]))
+    return out
+
+
+def probe(model_dir: Path, chat: bool, n: int, seed: int) -> dict:
+    import torch
+
+    from loop.judge import fill_template
+    from loop.prompts import chat_ids
+    from loop.world import World
+    from model.checkpoint import load_pretrained
+    from model.tokenizer import load_tokenizer
+
+    model = load_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir / "tokenizer.model", chat_template="llama2" if chat else None)
+    template = World.judge_template_path.read_text(encoding="utf-8").rstrip("\n")
+    score_id, verdict_ids = tok.token_id("▁Score"), {tok.token_id("▁yes"), tok.token_id("▁no")}
+    hits = {k: [0, 0] for k in ("copied numbers", "other numbers", "verdicts", "score")}
+    for task, response, review in reviews(n, seed):
+        if chat:
+            prefix = chat_ids(tok, fill_template(template, task, response))
+        else:
+            prefix = tok.encode(f"Task: {task}\nResponse: {response}\nReview:", bos=True, eos=False)
+        body = tok.encode(" " + review, bos=False, eos=False)
+        with torch.no_grad():
+            pred = model(torch.tensor([prefix + body]))[0].argmax(-1).tolist()
+        seen = set(prefix)
+        for i, t in enumerate(body):
+            if i >= 2 and body[i - 2] == score_id:
+                kind = "score"
+            elif t in verdict_ids:
+                kind = "verdicts"
+            elif _NUMBER.fullmatch(tok.decode([t]).strip()):
+                kind = "copied numbers" if t in seen else "other numbers"
+            else:
+                continue
+            hits[kind][0] += pred[len(prefix) + i - 1] == t
+            hits[kind][1] += 1
+    return {k: (100.0 * h / m if m else float("nan"), m) for k, (h, m) in hits.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=Path, help="HF checkpoint dirs holding tokenizer.model")
+    ap.add_argument("--chat", action="store_true", help="the world judge prompt in the chat template (SFT models)")
+    ap.add_argument("--n", type=int, default=300, help="fresh reviews")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    for m in args.models:
+        r = probe(m, args.chat, args.n, args.seed)
+        print(f"{m}: " + "; ".join(f"{k} {acc:.1f}% of {cnt}" for k, (acc, cnt) in r.items()))
+
+
+if __name__ == "__main__":
+    main()

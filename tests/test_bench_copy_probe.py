@@ -1,0 +1,33 @@
+"""bench/copy_probe.py on a tiny random world model: both formats run, and every review token it scores is
+classified once (the copied / other numbers split matches a direct count over the same reviews)."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import copy_probe  # noqa: E402
+
+
+def test_probe_runs_and_counts(tmp_path):
+    from loop.world import World
+    from loop.world.corpus import corpus_documents
+    from loop.world.m0 import tokenizer_texts
+    from loop.world.tokenizer_train import train_tokenizer
+    from model.checkpoint import save_pretrained
+    from model.config import LlamaConfig
+    from model.llama import Llama
+
+    template = World.judge_template_path.read_text()
+    tok_path = train_tokenizer(tokenizer_texts(corpus_documents(0, 400, set()), template), tmp_path / "tok" / "tokenizer.model", 512)
+    config = LlamaConfig(vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=384,
+                         bos_token_id=1, eos_token_id=2)
+    save_pretrained(Llama(config).init_weights(0.02, torch.Generator().manual_seed(0)), tmp_path / "m",
+                    tokenizer_dir=tok_path)
+    reviews = copy_probe.reviews(8, seed=3)
+    assert reviews == copy_probe.reviews(8, seed=3)  # fresh but reproducible
+    verdicts = sum(r.count(": yes.") + r.count(": no.") for _, _, r in reviews)
+    for chat in (False, True):
+        r = copy_probe.probe(tmp_path / "m", chat=chat, n=8, seed=3)
+        assert r["score"][1] == 8 and r["verdicts"][1] == verdicts
+        assert r["copied numbers"][1] > 0 and all(0.0 <= acc <= 100.0 for acc, n in r.values() if n)
