@@ -6,8 +6,9 @@
 Both sides train the same tiny Llama (vocab 1000, dim 256, 4 layers, 4 heads, ffn 688; its parameter count
 is printed) from the same HF checkpoint, which model/ writes and transformers' LlamaForCausalLM loads, on
 the same synthetic preference pairs (prompt + response 119-250 tokens, fixed seed), with batch 4, max
-length 256, fp32, sigmoid DPO at beta 0.1, a constant lr, no dropout, activation checkpointing as
---checkpointing says (off on both sides by default; TRL's own default is on), each side's own precomputed
+length 256, fp32 (or --dtype bf16: ours bf16 weights with an fp32 master copy, TRL bf16 autocast over fp32
+weights, each side's own mixed precision), sigmoid DPO at beta 0.1, a constant lr, no dropout,
+activation checkpointing as --checkpointing says (off on both sides by default; TRL's own default is on), each side's own precomputed
 reference log-probs, and N threads, each in its own process so neither sees the other's allocator.
 TRL runs under its own venv (it would move the versions this project's suite pins); its process imports
 only torch, transformers, trl and datasets (bench/trl_side.py). Each side is left at its defaults
@@ -106,7 +107,8 @@ def run_ours(work: Path) -> dict:
 
     cfg = DPOConfig(lr=settings["lr"], min_lr=settings["lr"], warmup_steps=0, max_steps=settings["steps"],
                     epochs=settings["steps"] * settings["batch"] // len(pairs), global_batch=settings["batch"],
-                    micro_batch=settings["batch"], grad_clip=1.0, weight_decay=0.0, dtype="fp32", dropout=0.0,
+                    micro_batch=settings["batch"], grad_clip=1.0, weight_decay=0.0, dtype=settings["dtype"],
+                    dropout=0.0,
                     seed=settings["seed"], checkpoint_every=0, max_seq_len=settings["max_len"], backend="torch",
                     gradient_checkpointing=settings["checkpointing"] in ("ours", "both"),
                     ref_micro_batch=settings["batch"],  # TRL: precompute at train batch
@@ -174,7 +176,7 @@ def table(report: dict) -> str:
     return "\n".join([
         f"DPO: {s['params']:,} params (vocab {VOCAB}, dim {DIM}, {LAYERS} layers, {HEADS} heads, ffn {FFN}), "
         f"{s['pairs']} pairs of {s['min_pair_len']}-{s['max_pair_len']} tokens, {s['steps']} steps of {s['batch']}, "
-        f"{s['tokens']:,} tokens, fp32, {s['threads']} threads, activation checkpointing: {s['checkpointing']}",
+        f"{s['tokens']:,} tokens, {s['dtype']}, {s['threads']} threads, activation checkpointing: {s['checkpointing']}",
         *lines,
         f"reference log-probs, max |ours - TRL| = {report['reference_max_abs_diff']:.2e}",
         f"versions: ours torch {o['versions']['torch']}; TRL side torch {v['torch']}, transformers "
@@ -193,6 +195,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="weights, pairs and data order")
     ap.add_argument("--checkpointing", choices=("none", "ours", "both"), default="none",
                     help="activation checkpointing: off on both sides, on ours only, or on both (TRL's own default)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training precision, both sides")
     ap.add_argument("--trl-python", default=sys.executable, help="python of the venv where trl is installed")
     ap.add_argument("--out", type=Path, help="also write the report as JSON here")
     ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)  # internal: run one side's child
@@ -210,7 +213,8 @@ def main(argv=None) -> None:
         params = write_model(work / "m0", args.seed)
         pairs = synthetic_pairs(args.pairs, args.seed)
         settings = {"batch": args.batch, "steps": steps, "lr": args.lr, "beta": args.beta, "threads": args.threads,
-                    "seed": args.seed, "max_len": MAX_LEN, "vocab_size": VOCAB, "checkpointing": args.checkpointing}
+                    "seed": args.seed, "max_len": MAX_LEN, "vocab_size": VOCAB, "checkpointing": args.checkpointing,
+                    "dtype": args.dtype}
         write_json(work / "settings.json", settings)
         write_json(work / "pairs.json", pairs)
         ours = run_child("ours", [sys.executable, str(Path(__file__).resolve()), "--side", "ours", "--work", tmp],

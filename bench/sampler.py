@@ -1,8 +1,8 @@
 """Sampler throughput: engine.sampler vs transformers generate (batched, its own KV cache), same weights,
 same prompts, same generated lengths (no EOS, so every sequence runs to max_new_tokens).
 
-CPU (default): a tiny random model and SmolLM2-135M (GGUF), 64 prompts x n=4 x 128 new tokens, plus a
-judge-like workload (64 x 3 prompts sharing a 350-token rubric) reporting the prefix-cache hit rate.
+CPU (default, fp32; --dtype bf16 for both sides): a tiny random model and SmolLM2-135M (GGUF), 64 prompts
+x n=4 x 128 new tokens, plus a judge-like workload (64 x 3 prompts sharing a 350-token rubric) reporting the prefix-cache hit rate.
 --device cuda: decode tokens/s at batch 1 against the HBM roofline ((weight bytes + KV bytes read per
 token) / bandwidth measured by a large device copy in the same run), and batch 64 against transformers.
 Prints markdown tables; ratios are what to compare (timings on shared machines are noisy).
@@ -203,6 +203,8 @@ def main():
     ap.add_argument("--skip-smollm", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--smollm-random", action="store_true", help="random SmolLM2-135M weights (no GGUF needed)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="CPU: weights and KV cache of both sides (this CPU's avx512_bf16 may pay); cuda is bf16")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads for both sides (0 = torch default; 1 is steadier on a loaded machine)")
     args = ap.parse_args()
@@ -215,8 +217,11 @@ def main():
         torch.manual_seed(0)
         rows = ["| workload | ours tok/s | HF tok/s | ratio | notes |", "|---|---|---|---|---|"]
         kw = dict(kv_memory=512 << 20)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        print(f"dtype {args.dtype} on both sides", flush=True)
         if not args.skip_tiny:
             tiny = Llama(preset("tiny", eos_token_id=None)).init_weights(generator=torch.Generator().manual_seed(0))
+            tiny = tiny.to(dtype=dtype)
             bench_generation("tiny", tiny.eval(), args, rows, **kw)
             bench_judge("tiny", tiny, args, rows, **kw)
         if not args.skip_smollm:
@@ -227,6 +232,7 @@ def main():
             else:  # same architecture, random weights: speed does not depend on the values
                 smol = Llama(preset("smollm2-135m")).init_weights(generator=torch.Generator().manual_seed(0))
                 smol, name = smol.eval(), "SmolLM2-135M (random weights)"
+            smol = smol.to(dtype=dtype)
             smol.config = smol.config.replace(eos_token_id=None)  # same lengths on both sides
             sargs = argparse.Namespace(**{**vars(args), "prompts": args.smollm_prompts or args.prompts,
                                           "new": args.smollm_new or args.new})

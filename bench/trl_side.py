@@ -125,7 +125,7 @@ def run_trl(work: Path) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=settings["beta"], loss_type=["sigmoid"], max_length=settings["max_len"],
         precompute_ref_log_probs=True, padding_free=False, **checkpointing_arg,
-        bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
+        bf16=settings.get("dtype") == "bf16", fp16=False, use_cpu=True, report_to="none", save_strategy="no",
         dataloader_num_workers=0, seed=settings["seed"], disable_tqdm=True)
     probe = TrainingProbe()
 
@@ -155,8 +155,9 @@ def run_trl(work: Path) -> dict:
     if checkpointing is None:
         checkpointing = trainer.model.is_gradient_checkpointing
     if bool(checkpointing) != want_checkpointing:
-        raise SystemExit(f"trl side: DPOTrainer trained with activation checkpointing {'on' if checkpointing else 'off'}; "
-                         f"the benchmark asked for {'on' if want_checkpointing else 'off'}")
+        raise SystemExit("trl side: DPOTrainer trained with activation checkpointing "
+                         f"{'on' if checkpointing else 'off'}; the benchmark asked for "
+                         f"{'on' if want_checkpointing else 'off'}")
     return {"side": "trl", **probe.result(real_tokens(pairs, settings["steps"] * settings["batch"] // len(pairs))),
             "final_loss": output.training_loss, "reference": reference,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
