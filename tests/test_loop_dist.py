@@ -36,9 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ONE_RANK + ["sft.zero_stage=3", "dpo.zero_stage=3"]
 GENERATED = ("iter_1/1_prompts/prompts.jsonl", "iter_1/2_responses/responses.jsonl",
              "iter_1/3_judgments/judgments.jsonl", "iter_1/4_pairs/pairs.jsonl",
-             "iter_1/4_pairs/outcomes.jsonl",
-             # M2's eval runs on 2 ranks in the "two" run: its self-pair samples and judgments too
-             "eval/M2/self_responses.jsonl", "eval/M2/self_judgments.jsonl")
+             "iter_1/4_pairs/outcomes.jsonl")
 # kept when a run is cut back to M1: everything before the first AIFT stage
 KEEP = ("manifest.json", "seed", "m0", "sft", "eft", "eval/sft_baseline", "eval/M1", "models/M0",
         "models/sft_baseline", "models/M1")
@@ -203,6 +201,26 @@ def _same_records(a: Path, b: Path, rel: str) -> None:
 def test_generation_and_judging_are_world_size_independent(runs, which):
     for rel in GENERATED:
         _same_records(runs["ref"], runs[which], rel)
+
+
+def test_self_pairs_on_two_ranks(runs):
+    """M2's eval (self-pair samples, their judgments, the metric) on 2 ranks matches 1 rank. M2 itself comes
+    from 2-rank DPO, equal to the 1-rank M2 within float tolerance only, so the expected scores are compared
+    to 1e-6 and everything else exactly."""
+    for rel in ("eval/M2/self_responses.jsonl", "eval/M2/self_judgments.jsonl"):
+        ra, rb = read_jsonl(runs["ref"] / rel), read_jsonl(runs["two"] / rel)
+        assert [r["id"] for r in ra] == [r["id"] for r in rb]
+        assert len(ra) == (72 if rel.endswith("judgments.jsonl") else 24)  # 6 prompts x n=4, each judged k=3 times
+        for a, b in zip(ra, rb):
+            for key in a:
+                if key in ("score", "score_mass"):
+                    assert a[key] == pytest.approx(b[key], rel=1e-6), (rel, a["id"], key)
+                else:
+                    assert a[key] == b[key], (rel, a["id"], key)
+    # a pair could only flip if two different answers' scores were within ~1e-9 of each other
+    ref, two = (json.loads((runs[w] / "eval" / "M2" / "done.json").read_text())["self_pairs"] for w in ("ref", "two"))
+    assert {k: two[k] for k in ("agree", "disagree", "tie", "num_pairs")} == \
+        {k: ref[k] for k in ("agree", "disagree", "tie", "num_pairs")}
 
 
 def test_kill_one_rank_then_resume(runs):
