@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common.atomic import atomic_write_text
 from engine.progress import Progress
 from model.checkpoint import save_pretrained
 from model.llama import Llama
@@ -137,8 +136,5 @@ def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str],
     summary = {"config": cfg.to_dict(), "corpus_rows": rows.shape[0], "corpus_tokens": rows.numel(),
                "params": cfg.model_config().num_params(), "wall_s": round(time.perf_counter() - t0, 1),
                "history": history}
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, root / "pretrain_log.json")
+    atomic_write_text(root / "pretrain_log.json", json.dumps(summary, indent=1))
     return ckpt, ckpt / "tokenizer.model"

@@ -8,10 +8,10 @@ ground-truth grader, so every EFT judgment is exactly what the grader wrote.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from common.atomic import atomic_write_text
 
 from .grader import grade_task
 from .tasks import FAMILIES, Task, format_answer, sample_task
@@ -169,13 +169,4 @@ def build_seed_records(seed: int, n_ift: int, n_eft_train: int, n_eft_eval: int,
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Atomic JSONL write: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -8,10 +8,10 @@ list, which makes the model file byte-identical for the same text.
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from common.atomic import atomic_write_bytes
 
 SPECIAL_PIECES = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<response>", "</response>", "\n")
 # Training text is cut at every digit / non-digit boundary so no piece glues a number to punctuation
@@ -52,10 +52,4 @@ def train_tokenizer(texts: list[str], out_path: Path, vocab_size: int) -> Path:
         max_sentence_length=4096,
         minloglevel=2,
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)
-    return out_path
+    return atomic_write_bytes(out_path, model.getvalue())
