@@ -8,8 +8,8 @@ is printed) from the same HF checkpoint, which model/ writes and transformers' L
 the same synthetic preference pairs (prompt + response 119-250 tokens, fixed seed), with batch 4, max
 length 256, fp32 (or --dtype bf16: ours bf16 weights with an fp32 master copy, TRL bf16 autocast over fp32
 weights, each side's own mixed precision), sigmoid DPO at beta 0.1, a constant lr, no dropout,
-activation checkpointing as --checkpointing says (off on both sides by default; TRL's own default is on), each side's own precomputed
-reference log-probs, and N threads, each in its own process so neither sees the other's allocator.
+activation checkpointing as --checkpointing says (off on both sides by default; TRL's own default is on),
+each side's own precomputed reference log-probs, and N threads, each in its own process so neither sees the other's allocator.
 TRL runs under its own venv (it would move the versions this project's suite pins); its process imports
 only torch, transformers, trl and datasets (bench/trl_side.py). Each side is left at its defaults
 otherwise, as a user would run it: ours groups pairs of similar length, TRL samples at random.

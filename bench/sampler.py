@@ -2,7 +2,8 @@
 same prompts, same generated lengths (no EOS, so every sequence runs to max_new_tokens).
 
 CPU (default, fp32; --dtype bf16 for both sides): a tiny random model and SmolLM2-135M (GGUF), 64 prompts
-x n=4 x 128 new tokens, plus a judge-like workload (64 x 3 prompts sharing a 350-token rubric) reporting the prefix-cache hit rate.
+x n=4 x 128 new tokens, plus a judge-like workload (64 x 3 prompts sharing a 350-token rubric) reporting the
+prefix-cache hit rate.
 --device cuda: decode tokens/s at batch 1 against the HBM roofline ((weight bytes + KV bytes read per
 token) / bandwidth measured by a large device copy in the same run), and batch 64 against transformers.
 Prints markdown tables; ratios are what to compare (timings on shared machines are noisy).

@@ -95,7 +95,6 @@ def measure_self_pairs(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, 
     grades = {r["id"]: r["grade"] for r in responses}
     summary = self_pair_accuracy(responses, grades, mean_scores(judgments))
     # the self-consistency vote on the same responses (judge.mode=vote's score; free: nothing is sampled)
-    votes = vote_records([{"id": r["id"], "group": r["prompt_id"], "response": r["text"]} for r in responses])
-    summary["vote"] = self_pair_accuracy(responses, grades, mean_scores(votes))
+    summary["vote"] = self_pair_accuracy(responses, grades, mean_scores(vote_records(responses)))
     summary["samples"] = {"n": rc.n, "temperature": rc.temperature, "judge_k": jc.k, "judge_mode": jc.mode}
     return summary, responses, judgments

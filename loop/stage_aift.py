@@ -92,12 +92,10 @@ def judge_responses(sampler, tok, dist: Dist, cfg: LoopConfig, *, template: str,
     jc = cfg.judge
     prompt_text = {p["id"]: p["prompt"] for p in read_jsonl(prompts_path, ("id", "prompt"))}
     responses = read_jsonl(responses_path, ("id", "prompt_id", "text"))
-    items = [{"id": r["id"], "prompt": prompt_text[r["prompt_id"]], "response": r["text"]} for r in responses]
     if jc.mode == "vote":  # self-consistency instead of the LLM judge: nothing to sample (loop/vote.py)
-        if not dist.is_main:
-            return {}
-        judgments = vote_records([{"id": r["id"], "group": r["prompt_id"], "response": r["text"]} for r in responses])
+        judgments = vote_records(responses) if dist.is_main else []
     else:
+        items = [{"id": r["id"], "prompt": prompt_text[r["prompt_id"]], "response": r["text"]} for r in responses]
         judgments = judge_records(sampler, tok, dist, cfg, template=template, items=items,
                                   out_path=work / F.JUDGMENTS, k=jc.k, temperature=jc.temperature,
                                   top_p=jc.top_p, stage=f"iter {iteration}: judge", chunk_hook=chunk_hook)

@@ -26,19 +26,19 @@ def answer_key(text: str) -> str:
     return _SPACE.sub(" ", text).strip().casefold().rstrip(".!").rstrip()
 
 
-def vote_records(items: list[dict]) -> list[dict]:
-    """items {"id", "group", "response"} (group: the instruction's id) -> one judgment record per item.
+def vote_records(responses: list[dict]) -> list[dict]:
+    """Response records {"id", "prompt_id", "text"} (stage 2's) -> one judgment record per response.
 
-    score = 5 * (items of the group with this answer) / (items of the group): a float in (0, 5]."""
+    score = 5 * (the prompt's responses with this answer) / (the prompt's responses): a float in (0, 5]."""
     counts: dict[str, Counter] = {}
     sizes: Counter = Counter()
-    for it in items:
-        counts.setdefault(it["group"], Counter())[answer_key(it["response"])] += 1
-        sizes[it["group"]] += 1
+    for r in responses:
+        counts.setdefault(r["prompt_id"], Counter())[answer_key(r["text"])] += 1
+        sizes[r["prompt_id"]] += 1
     out = []
-    for it in items:
-        c, n = counts[it["group"]][answer_key(it["response"])], sizes[it["group"]]
-        out.append({"id": f"{it['id']}-vote", "target_id": it["id"], "sample_index": 0,
+    for r in responses:
+        c, n = counts[r["prompt_id"]][answer_key(r["text"])], sizes[r["prompt_id"]]
+        out.append({"id": f"{r['id']}-vote", "target_id": r["id"], "sample_index": 0,
                     "text": f"{c} of {n} responses give this answer", "num_tokens": 0, "finish_reason": "vote",
                     "score": 5.0 * c / n})
     return out

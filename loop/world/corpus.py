@@ -1,7 +1,7 @@
 """The world's pretraining corpus: the text a base model of this world would have read.
 
-Four kinds of documents (five with CorpusMix.copy), drawn from the same task families as the seed data but never from the
-seed instructions themselves: tasks with answers ("Task: ... Answer: ..."), reviews of answers
+Four kinds of documents (five with CorpusMix.copy), drawn from the same task families as the seed data
+but never from the seed instructions themselves: tasks with answers ("Task: ... Answer: ..."), reviews of answers
 that spell out the checks ("Task / Response / Review: ... Score: k"), plain facts ("5 + 9 = 14",
 "12 < 18 < 30", "18 is even") and lists of tasks (what self-instruct prompting continues). M0 thus
 knows the world's facts and formats, but not the chat template nor the judge rubric: those come
