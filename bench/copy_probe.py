@@ -9,7 +9,8 @@ seed builder draws them) the model reads the whole review teacher-forced, and it
 compared with the review's:
 - copied numbers: number pieces that already occur in the task or the response (the judge must copy them);
 - other numbers: computed ones (a sum, a count);
-- verdicts: the "yes" / "no" after each check, and the score after "Score:".
+- verdicts: the "yes" / "no" after each check (and, within them, the "no" of the failed check alone: always
+  answering "yes" scores ~75% of all verdicts but 0% of these), and the score after "Score:".
 Greedy judging fails where the copy fails, so the first number says most. Prints one line per model.
 """
 from __future__ import annotations
@@ -55,7 +56,8 @@ def probe(model_dir: Path, chat: bool, n: int, seed: int) -> dict:
     tok = load_tokenizer(model_dir / "tokenizer.model", chat_template="llama2" if chat else None)
     template = World.judge_template_path.read_text(encoding="utf-8").rstrip("\n")
     score_id, verdict_ids = tok.token_id("▁Score"), {tok.token_id("▁yes"), tok.token_id("▁no")}
-    hits = {k: [0, 0] for k in ("copied numbers", "other numbers", "verdicts", "score")}
+    no_id = tok.token_id("▁no")
+    hits = {k: [0, 0] for k in ("copied numbers", "other numbers", "verdicts", "'no' verdicts", "score")}
     for task, response, review in reviews(n, seed):
         if chat:
             prefix = chat_ids(tok, fill_template(template, task, response))
@@ -74,8 +76,12 @@ def probe(model_dir: Path, chat: bool, n: int, seed: int) -> dict:
                 kind = "copied numbers" if t in seen else "other numbers"
             else:
                 continue
-            hits[kind][0] += pred[len(prefix) + i - 1] == t
+            right = pred[len(prefix) + i - 1] == t
+            hits[kind][0] += right
             hits[kind][1] += 1
+            if t == no_id and kind == "verdicts":
+                hits["'no' verdicts"][0] += right
+                hits["'no' verdicts"][1] += 1
     return {k: (100.0 * h / m if m else float("nan"), m) for k, (h, m) in hits.items()}
 
 

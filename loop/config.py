@@ -133,11 +133,18 @@ class MetaConfig:
     judge_share: float = 0.15
     # Upper bound on judge_share: NeMo-Aligner saw a share above ~15% push the judge to always answer 5.
     max_judge_share: float = 0.15
-    template: str = "meta_judge.txt"  # meta-judge prompt: a file in loop/templates or a path
+    # meta-judge prompt: a file in loop/templates, a path, or "world" (loop/world/meta_template.txt: short
+    # enough for the world model's 512-token context, which the paper's rubric-carrying prompt is not)
+    template: str = "meta_judge.txt"
     temperature: float = 0.7  # sampling temperature of the meta-judgments
     top_p: float = 0.9  # nucleus sampling of the meta-judgments
     max_new_tokens: int = 256  # token budget of one meta-judgment (reasoning, then "Winner: Judgement A|B")
     max_comparisons: int = 3  # pairs of judgments compared per response (each in both orders); K=3 has 3
+    # Meta-judge examples added to M1's SFT, built from the EFT groups (meta_judge.sft_records): a response,
+    # its EFT judgment and another response's judgment of a different score, in a random order; the target
+    # is the EFT judgment, then its letter. 0 = none, as in the paper, whose seed model (Llama-3-8B-Instruct)
+    # follows the meta prompt zero-shot; a model that never saw one (the world's) parses no verdict without.
+    sft_examples: int = 0
 
     def __post_init__(self):
         def bad(key, why):
@@ -156,6 +163,8 @@ class MetaConfig:
             bad("max_new_tokens", "must be positive")
         if self.max_comparisons <= 0:
             bad("max_comparisons", "must be positive")
+        if not isinstance(self.sft_examples, int) or isinstance(self.sft_examples, bool) or self.sft_examples < 0:
+            bad("sft_examples", f"= {self.sft_examples!r} must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -295,6 +304,8 @@ class LoopConfig:
             bad("meta.enabled", "needs an LLM judge to meta-judge (judge.mode sampled or expected, not vote)")
         if self.judge.template == "world" and self.data.source != "world":
             bad("judge.template", "= 'world' needs data.source = world")
+        if self.meta.enabled and self.meta.template == "world" and self.data.source != "world":
+            bad("meta.template", "= 'world' needs data.source = world")
         if self.eval.pairwise_judge is not None and not Path(self.eval.pairwise_judge).exists():
             bad("eval.pairwise_judge", f"is {self.eval.pairwise_judge!r}: no such checkpoint")
         if not ((Path(__file__).resolve().parent / "templates" / self.eval.pairwise_template).is_file()

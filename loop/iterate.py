@@ -30,7 +30,7 @@ from loop import manifest as M  # noqa: E402
 from loop import stages as S  # noqa: E402
 from loop.config import LoopConfig, load_config  # noqa: E402
 from loop.generation import broadcast_object  # noqa: E402
-from loop.judge import PAPER_TEMPLATE, load_template  # noqa: E402
+from loop.judge import load_template, template_path  # noqa: E402
 from loop.preflight import preflight  # noqa: E402
 from loop.records import RecordError  # noqa: E402
 from loop.sampler_phase import SamplerPhase  # noqa: E402
@@ -142,9 +142,12 @@ class Loop:
         return S.SEED.path(self.run_dir, file)
 
     def judge_template(self) -> str:
-        t = self.cfg.judge.template
-        path = PAPER_TEMPLATE if t == "paper" else self.world.judge_template_path if t == "world" else Path(t)
-        return load_template(path)
+        return load_template(template_path(self.cfg.judge.template, self.world))
+
+    def meta_template(self) -> str:
+        from loop.meta_judge import load_meta_template, meta_template_path
+
+        return load_meta_template(meta_template_path(self.cfg.meta.template, self.world))
 
     # --- SFT, EFT builder -------------------------------------------------------------------
     def train_sft(self, name: str, with_eft: bool) -> None:
@@ -153,15 +156,32 @@ class Loop:
         st = self.stage(S.SFT, name)
         if st.done:
             return
-        st.begin()
+        work = st.begin()
         self.release_sampler()
         eft = self.seed_path(S.F.EFT_TRAIN) if with_eft else None
+        meta = self.meta_sft_records(eft, work) if eft is not None else []
         summary, weights = run_sft(self.tok, self.dist, self.cfg, init_dir=self.model_dir("M0"),
                                    ift_path=self.seed_path(S.F.IFT), eft_path=eft, judge_template=self.judge_template(),
                                    out_dir=self.model_dir(name), handoff=self.phase.request(),
-                                   sink=self.stage_metrics(S.SFT, name))
+                                   sink=self.stage_metrics(S.SFT, name), extra=meta)
         st.finish(summary)
         self.phase.handed(self.model_dir(name), weights)
+
+    def meta_sft_records(self, eft_path: Path, work: Path) -> list[dict]:
+        """meta.sft_examples meta-judge examples from the EFT records (loop/meta_judge.py sft_records), kept in
+        the SFT stage's folder; [] with meta off. Every rank builds the same list from the same files."""
+        mc = self.cfg.meta
+        if not (mc.enabled and mc.sft_examples):
+            return []
+        from loop.meta_judge import sft_records
+        from loop.records import read_jsonl, write_jsonl
+
+        records = sft_records(read_jsonl(eft_path, ("id", "group_id", "prompt", "response", "judgment", "score")),
+                              template=self.meta_template(), judge_template=self.judge_template(),
+                              n=mc.sft_examples, seed=self.cfg.run.seed)
+        if self.dist.is_main:
+            write_jsonl(work / S.F.META_SFT, records)
+        return records
 
     def build_eft(self) -> None:
         """EFT data from the SFT baseline (loop/stage_eft.py): OASST's ranked candidates judged, or the world's
@@ -209,7 +229,8 @@ class Loop:
             if not s3m.done:
                 work = s3m.begin()
                 s3m.finish(meta_judge(self.sampler(current), self.tok, self.dist, cfg,
-                                      judge_template=self.judge_template(), prompts_path=prompts_path,
+                                      judge_template=self.judge_template(), meta_template=self.meta_template(),
+                                      prompts_path=prompts_path,
                                       responses_path=responses_path,
                                       judgments_path=S.JUDGMENTS.path(run, F.JUDGMENTS, t), work=work, iteration=t))
             judge_pairs = S.META_JUDGE.path(run, F.JUDGE_PAIRS, t)

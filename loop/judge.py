@@ -50,6 +50,11 @@ def parse_score(text: str, max_score: float = 5.0) -> float | None:
     return value
 
 
+def template_path(name: str, world) -> Path:
+    """judge.template's file: "paper" (Figure 2), "world" (the world's own; world: a loop.world.World) or a path."""
+    return PAPER_TEMPLATE if name == "paper" else world.judge_template_path if name == "world" else Path(name)
+
+
 def load_template(path: str | Path) -> str:
     """Read a judge template and check it has both slots (a template without them judges nothing)."""
     path = Path(path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -62,9 +63,16 @@ def parse_winner(text: str | None) -> str | None:
     return m.group(1).upper() if m else None
 
 
-def load_meta_template(name: str | Path) -> str:
-    """A template file in loop/templates or a path, holding the instruction, response and both judgment slots."""
-    path = Path(name) if Path(name).is_file() else TEMPLATES_DIR / str(name)
+def meta_template_path(name: str, world=None) -> Path:
+    """meta.template's file: "world" (world: a loop.world.World), a path, or a file in loop/templates."""
+    if name == "world":
+        return world.meta_template_path
+    return Path(name) if Path(name).is_file() else TEMPLATES_DIR / str(name)
+
+
+def load_meta_template(path: str | Path) -> str:
+    """The template at `path` (meta_template_path), holding the instruction, response and both judgment slots."""
+    path = Path(path)
     text = path.read_text(encoding="utf-8")
     for slot in REQUIRED_SLOTS:
         if slot not in text:
@@ -186,12 +194,40 @@ def _mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def meta_judge(sampler, tok, dist: Dist, cfg: LoopConfig, *, judge_template: str, prompts_path: Path,
-               responses_path: Path, judgments_path: Path, work: Path, iteration: int, chunk_hook=None) -> dict:
+def sft_records(eft: list[dict], *, template: str, judge_template: str, n: int, seed: int) -> list[dict]:
+    """Up to n meta-judge SFT examples {"id", "prompt", "response"} from EFT records (docs/DATA.md).
+
+    Each takes an EFT response with its judgment (the right one) and the judgment of another response of
+    its group that scored differently (wrong about this response: it checks other numbers, or concludes
+    another score); they are shown in a random order, in meta prompt `template`. The target is the right
+    judgment written out, then its letter: the meta-judge reviews the response itself, then names the
+    judgment that agrees. Deterministic for (records, seed); at most one example per EFT response."""
+    rubric = rubric_of(judge_template)
+    groups: dict[str, list[dict]] = {}
+    for r in eft:
+        groups.setdefault(r["group_id"], []).append(r)
+    usable = [(r, [o for o in groups[gid] if o["score"] != r["score"]]) for gid in sorted(groups) for r in groups[gid]]
+    usable = [(r, others) for r, others in usable if others]
+    rng = random.Random(f"meta-sft-{seed}")
+    rng.shuffle(usable)
+    out = []
+    for r, others in usable[:n]:
+        wrong = rng.choice(others)["judgment"]
+        right_first = rng.random() < 0.5
+        a, b = (r["judgment"], wrong) if right_first else (wrong, r["judgment"])
+        out.append({"id": f"meta-{r['id']}", "prompt": fill_meta(template, rubric, r["prompt"], r["response"], a, b),
+                    "response": f"{r['judgment'].rstrip()}\nWinner: Judgement {'A' if right_first else 'B'}"})
+    return out
+
+
+def meta_judge(sampler, tok, dist: Dist, cfg: LoopConfig, *, judge_template: str, meta_template: str,
+               prompts_path: Path, responses_path: Path, judgments_path: Path, work: Path, iteration: int,
+               chunk_hook=None) -> dict:
     """(3m) work/comparisons.jsonl (the meta-judge's generations, both orders), work/judge_pairs.jsonl,
-    work/judge_outcomes.jsonl (every compared response: wins, losses, drop reason); returns the summary."""
+    work/judge_outcomes.jsonl (every compared response: wins, losses, drop reason); returns the summary.
+    meta_template: the loaded meta-judge prompt (load_meta_template)."""
     mc = cfg.meta
-    template, rubric = load_meta_template(mc.template), rubric_of(judge_template)
+    template, rubric = meta_template, rubric_of(judge_template)
     prompt_text = {p["id"]: p["prompt"] for p in read_jsonl(prompts_path, ("id", "prompt"))}
     responses = read_jsonl(responses_path, ("id", "prompt_id", "text"))
     judgments = read_jsonl(judgments_path, ("id", "target_id", "sample_index", "text", "score"))

@@ -12,9 +12,7 @@ from common.errors import ConfigError
 
 from .config import LoopConfig, LoopConfigError
 from .records import RecordError, read_jsonl
-
-# the seed files a resumed run reads (docs/DATA.md); a hand-edited one is checked before any stage runs
-SEED_FILES = ("ift.jsonl", "eft_train.jsonl", "eft_eval.jsonl", "eval_prompts.jsonl", "eft_candidates.jsonl")
+from .stages import SEED
 
 
 def _bad(key: str, why: str):
@@ -31,13 +29,12 @@ def _world(cfg: LoopConfig):
 
 
 def _templates(cfg: LoopConfig, world) -> None:
-    from .judge import PAPER_TEMPLATE, load_template
+    from .judge import load_template, template_path
     from .prompts import load_self_instruct_template
 
     t = cfg.judge.template
-    path = PAPER_TEMPLATE if t == "paper" else world.judge_template_path if t == "world" else Path(t)
     try:
-        load_template(path)
+        load_template(template_path(t, world))
     except (OSError, ValueError) as e:
         _bad("judge.template", f"= {t!r}: {e}")
     try:
@@ -45,10 +42,10 @@ def _templates(cfg: LoopConfig, world) -> None:
     except (OSError, ValueError) as e:
         _bad("prompts.template", f"= {cfg.prompts.template!r}: {e}")
     if cfg.meta.enabled:
-        from .meta_judge import load_meta_template
+        from .meta_judge import load_meta_template, meta_template_path
 
         try:
-            load_meta_template(cfg.meta.template)
+            load_meta_template(meta_template_path(cfg.meta.template, world))
         except (OSError, ValueError) as e:
             _bad("meta.template", f"= {cfg.meta.template!r}: {e}")
 
@@ -83,14 +80,14 @@ def _checkpoint(cfg: LoopConfig) -> None:
 def _user_data(cfg: LoopConfig) -> None:
     """data.source = jsonl | hf: every split read and checked in full, as the seed stage will."""
     from .data.sources import user_seed_records
-    from .judge import PAPER_TEMPLATE, load_template
+    from .judge import load_template, template_path
 
     d = cfg.data
     for key in ("ift_path", "eft_path", "eft_eval_path", "eval_path"):
         path = getattr(d, key)
         if path is not None and not (Path(path).is_file() if d.source == "jsonl" else Path(path).exists()):
             _bad(f"data.{key}", f"= {path!r}: no such {'file' if d.source == 'jsonl' else 'file or directory'}")
-    template = load_template(PAPER_TEMPLATE if cfg.judge.template == "paper" else cfg.judge.template)
+    template = load_template(template_path(cfg.judge.template, None))
     try:
         user_seed_records(d, seed=cfg.run.seed, judge_template=template)
     except RecordError as e:
@@ -120,8 +117,8 @@ def preflight(cfg: LoopConfig, run_dir: Path, *, resume: bool) -> None:
             _bad("data.oasst_path", f": {e}")
     _templates(cfg, world)
     if resume:
-        for name in SEED_FILES:
-            path = Path(run_dir) / "seed" / name
+        for name in SEED.outputs:  # the seed files a resumed run reads: a hand-edited one is checked first
+            path = SEED.path(run_dir, name)
             if path.exists():
                 try:
                     read_jsonl(path)

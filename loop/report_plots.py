@@ -11,6 +11,8 @@ from pathlib import Path
 
 from common.atomic import atomic_write
 
+from .stages import JUDGMENTS, RESPONSES
+
 SCORE_LABELS = ["0", "1", "2", "3", "4", "5", "none"]
 OUTCOMES = (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red"))
 
@@ -47,14 +49,14 @@ def _grouped_bars(ax, labels: list[str], series: list[tuple[str, dict]]) -> None
 
 def score_distribution(iters: list[dict], out: Path) -> str | None:
     """Left: every judgment's score (rounded, "none" = unparsable); right: responses by mean score."""
-    judged = [it for it in iters if it["3_judgments"] is not None]
+    judged = [it for it in iters if it[JUDGMENTS.name] is not None]
     if not judged:
         return None
     plt = _plt()
     means = [it for it in judged if it.get("mean_scores")]
     fig, axes = plt.subplots(1, 2 if means else 1, figsize=(11 if means else 6, 3.5), squeeze=False)
     ax = axes[0][0]
-    _grouped_bars(ax, SCORE_LABELS, [(f"iter {it['t']} (M{it['t']} judging)", it["3_judgments"].get("histogram") or {})
+    _grouped_bars(ax, SCORE_LABELS, [(f"iter {it['t']} (M{it['t']} judging)", it[JUDGMENTS.name].get("histogram") or {})
                                      for it in judged])
     ax.set_xlabel("self-judged score of each judgment (rounded)")
     ax.set_ylabel("judgments")
@@ -131,8 +133,8 @@ def lengths_and_metrics(data: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(names, [_num((evals[n].get("length") or {}).get("mean_tokens")) for n in names], marker="o",
             label="eval responses")
-    resp = [(f"M{it['t']}", it["2_responses"].get("mean_tokens")) for it in data["iterations"]
-            if it["2_responses"] is not None]
+    resp = [(f"M{it['t']}", it[RESPONSES.name].get("mean_tokens")) for it in data["iterations"]
+            if it[RESPONSES.name] is not None]
     if resp:
         ax.plot([r[0] for r in resp], [_num(r[1]) for r in resp], marker="s", label="AIFT responses")
     ax.set_ylabel("mean response tokens")

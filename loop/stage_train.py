@@ -22,9 +22,12 @@ from .records import read_jsonl, write_jsonl
 from .stages import F
 
 
-def sft_examples(tok, ift_path: Path, eft_path: Path | None, judge_template: str | None) -> list[SFTExample]:
-    examples = [SFTExample(chat_ids(tok, r["prompt"]), response_ids(tok, r["response"], True))
-                for r in read_jsonl(ift_path, ("id", "prompt", "response"))]
+def sft_examples(tok, ift_path: Path, eft_path: Path | None, judge_template: str | None,
+                 extra: list[dict] = ()) -> list[SFTExample]:
+    """IFT examples, EFT examples (judge prompt -> judgment), then `extra` ready-made {"prompt", "response"}
+    records (the meta-judge's, meta.sft_examples)."""
+    records = read_jsonl(ift_path, ("id", "prompt", "response")) + list(extra)
+    examples = [SFTExample(chat_ids(tok, r["prompt"]), response_ids(tok, r["response"], True)) for r in records]
     if eft_path is not None:
         for r in read_jsonl(eft_path, ("id", "prompt", "response", "judgment")):
             examples.append(SFTExample(chat_ids(tok, fill_template(judge_template, r["prompt"], r["response"])),
@@ -55,11 +58,16 @@ def _summary(result) -> dict:
 
 def run_sft(tok, dist: Dist, cfg: LoopConfig, *, init_dir: Path, ift_path: Path, eft_path: Path | None,
             judge_template: str | None, out_dir: Path, handoff: HandoffRequest | None = None,
-            sink: StageMetrics | None = None) -> tuple[dict, HandedOff | None]:
-    """-> (stage summary, this rank's sampler weights when handoff asked for them); per-step metrics to sink."""
-    examples, cut = fit_context(sft_examples(tok, ift_path, eft_path, judge_template), init_dir, cfg.sft.max_seq_len)
+            sink: StageMetrics | None = None, extra: list[dict] = ()) -> tuple[dict, HandedOff | None]:
+    """-> (stage summary, this rank's sampler weights when handoff asked for them); per-step metrics to sink.
+    extra: more {"prompt", "response"} examples (sft_examples)."""
+    examples, cut = fit_context(sft_examples(tok, ift_path, eft_path, judge_template, extra), init_dir,
+                                cfg.sft.max_seq_len)
     result = train_sft(str(init_dir), examples, cfg.sft, str(out_dir), resume=True, handoff=handoff, sink=sink)
-    return {"examples": len(examples), "truncated_examples": cut, **_summary(result)}, result.handoff
+    summary = {"examples": len(examples), "truncated_examples": cut, **_summary(result)}
+    if extra:
+        summary["meta_examples"] = len(extra)
+    return summary, result.handoff
 
 
 def preference_pairs(tok, pairs: list[dict]) -> list[PreferencePair]:

@@ -24,7 +24,8 @@ class F:
     # seed (seed data of the data source)
     IFT, EFT_TRAIN, EFT_EVAL = "ift.jsonl", "eft_train.jsonl", "eft_eval.jsonl"
     EVAL_PROMPTS, EFT_CANDIDATES = "eval_prompts.jsonl", "eft_candidates.jsonl"
-    # eft
+    # sft (meta.sft_examples), eft
+    META_SFT = "meta_sft.jsonl"
     SAMPLES = "samples.jsonl"
     # 1-4 and 3m
     ATTEMPTS, PROMPTS = "attempts.jsonl", "prompts.jsonl"
@@ -82,7 +83,7 @@ def iteration_of(folder_name: str) -> int | None:
 SEED = Stage("seed", RUN, (F.IFT, F.EFT_TRAIN, F.EFT_EVAL, F.EVAL_PROMPTS, F.EFT_CANDIDATES), (),
              "seed data of data.source (the world, a user's JSONL or HF dataset, OASST)")
 M0 = Stage("m0", RUN, (), (), "the base model: pretrained by the world or linked from model.init")
-SFT = Stage("sft", PER_MODEL, (), ("seed", "m0", "eft"), "SFT of M0: sft_baseline on IFT, M1 on IFT + EFT")
+SFT = Stage("sft", PER_MODEL, (F.META_SFT,), ("seed", "m0", "eft"), "SFT of M0: sft_baseline on IFT, M1 on IFT + EFT")
 EFT = Stage("eft", RUN, (F.JUDGMENTS, F.SAMPLES, F.EFT_TRAIN, F.EFT_EVAL), ("seed", "sft"),
             "EFT data from the SFT baseline: its judgments of ranked answers (OASST) or its graded answers (world)")
 PROMPTS = Stage("1_prompts", PER_ITERATION, (F.ATTEMPTS, F.PROMPTS), ("seed", "1_prompts"),

@@ -30,4 +30,5 @@ def test_probe_runs_and_counts(tmp_path):
     for chat in (False, True):
         r = copy_probe.probe(tmp_path / "m", chat=chat, n=8, seed=3)
         assert r["score"][1] == 8 and r["verdicts"][1] == verdicts
+        assert r["'no' verdicts"][1] == sum(rv.count(": no.") for _, _, rv in reviews)
         assert r["copied numbers"][1] > 0 and all(0.0 <= acc <= 100.0 for acc, n in r.values() if n)

@@ -24,7 +24,8 @@ from loop.config import LoopConfig, LoopConfigError, load_config
 from loop.judge import fill_template, load_template
 from loop.meta_judge import (DROP_NO_WINNER, DROP_TIED_WINS, STAGE, TIE_NO_VERDICT, TIE_ORDERS_DISAGREE,
                              TIE_TOO_LONG, build_judge_pairs, comparison_id, decide, fill_meta, load_meta_template,
-                             parse_winner, plan_comparisons, report_lines, rubric_of)
+                             meta_template_path, parse_winner, plan_comparisons, report_lines, rubric_of,
+                             sft_records)
 from loop.pairs import mix_judge_pairs
 from loop.records import read_jsonl, write_jsonl
 
@@ -133,12 +134,56 @@ def test_expected_mode_judgments_are_shown_with_their_score_and_trained_without_
 
 
 def test_meta_template_and_rubric():
-    template = load_meta_template("meta_judge.txt")
+    template = load_meta_template(meta_template_path("meta_judge.txt"))
     rubric = rubric_of(load_template(REPO / "loop" / "world" / "judge_template.txt"))
     assert "<INSTRUCTION_HERE>" not in rubric and "<RESPONSE_HERE>" not in rubric and "Score: <total points>" in rubric
     text = fill_meta(template, rubric, "Say <RESPONSE_HERE>", "five", "first <JUDGEMENT_B_HERE>", "second")
     assert "Say <RESPONSE_HERE>" in text and "first <JUDGEMENT_B_HERE>" in text  # one pass: no re-substitution
     assert text.index("first") < text.index("second") and text.rstrip().endswith('"Winner: Judgement B".')
+
+
+def _eft_group(gid, scores):
+    return [{"id": f"{gid}-{i}", "group_id": gid, "prompt": f"task {gid}", "response": f"answer {gid}{i}",
+             "judgment": f"checks {gid}{i}: yes. Score: {s}", "score": float(s)} for i, s in enumerate(scores)]
+
+
+def test_meta_sft_records_pair_a_judgment_with_another_scores_judgment():
+    from loop.world import World
+
+    template = load_meta_template(meta_template_path("world", World()))
+    judge = load_template(World.judge_template_path)
+    eft = _eft_group("g1", [5, 3, 3]) + _eft_group("g2", [4, 4]) + _eft_group("g3", [0, 5, 2, 1])
+    records = sft_records(eft, template=template, judge_template=judge, n=100, seed=0)
+    by_id = {r["id"]: r for r in eft}
+    assert len(records) == 7  # g2's two responses scored alike: no wrong judgment for either
+    assert sft_records(eft, template=template, judge_template=judge, n=100, seed=0) == records  # deterministic
+    assert [r["id"] for r in sft_records(eft, template=template, judge_template=judge, n=3, seed=0)] == \
+        [r["id"] for r in records[:3]]
+    letters = Counter()
+    for rec in records:
+        right = by_id[rec["id"].removeprefix("meta-")]
+        a = rec["prompt"].split("<judgement_a>")[1].split("</judgement_a>")[0]
+        b = rec["prompt"].split("<judgement_b>")[1].split("</judgement_b>")[0]
+        letter = rec["response"].rsplit(" ", 1)[1]
+        letters[letter] += 1
+        shown, other = (a, b) if letter == "A" else (b, a)
+        assert shown == right["judgment"] and rec["response"] == f"{right['judgment']}\nWinner: Judgement {letter}"
+        wrong = next(r for r in eft if r["judgment"] == other)
+        assert wrong["group_id"] == right["group_id"] and wrong["score"] != right["score"]
+        assert f"User: {right['prompt']}" in rec["prompt"]
+        assert f"<response>{right['response']}</response>" in rec["prompt"]
+        assert parse_winner(rec["response"]) == letter  # the target parses as the stage will read it
+    assert set(letters) == {"A", "B"}
+
+
+def test_world_meta_template_needs_the_world_and_sft_examples_are_counts():
+    assert load_config(None, ["meta.template=world", "meta.sft_examples=5"]).meta.sft_examples == 5
+    with pytest.raises(LoopConfigError, match="meta.sft_examples"):
+        load_config(None, ["meta.sft_examples=-1"])
+    other = ["meta.template=world", "data.source=jsonl", "data.ift_path=x.jsonl", "model.init=m", "eval.enabled=false"]
+    assert load_config(None, other).meta.template == "world"  # unused with meta off
+    with pytest.raises(LoopConfigError, match="meta.template"):
+        load_config(None, other + ["meta.enabled=true"])
 
 
 def test_judge_share_is_capped_unless_raised():
@@ -227,11 +272,12 @@ def test_report_lines(tmp_path):
 
 
 # --- one tiny loop with the meta-judge, 2 ranks ---------------------------------------------------------
-WORLD = test_loop_run.WORLD.replace("max_seq_len: 384", "max_seq_len: 1024")  # the meta prompt is ~650 tokens
-OVERRIDES = [WORLD if o == test_loop_run.WORLD else o for o in test_loop_run.OVERRIDES] + [
+META_SFT = 12  # meta-judge examples in M1's SFT (the world's short meta prompt fits the tiny context)
+OVERRIDES = test_loop_run.OVERRIDES + [
     "sft.zero_stage=3", "dpo.zero_stage=3", "eval.enabled=false", "eval.sft_baseline=false",
     "data.eft_own_samples=0", "dpo.epochs=2", "meta.enabled=true", "meta.max_new_tokens=8",
-    "meta.max_comparisons=1", "meta.judge_share=0.5", "meta.max_judge_share=0.5"]
+    "meta.max_comparisons=1", "meta.judge_share=0.5", "meta.max_judge_share=0.5", "meta.template=world",
+    f"meta.sft_examples={META_SFT}"]
 INJECTED_TARGETS = 2  # responses whose comparisons are all written by hand: "a" (lower sample index) wins
 
 
@@ -288,6 +334,11 @@ def test_every_stage_runs_with_the_meta_judge_on_two_ranks(runs):
     for stage in ("1_prompts", "2_responses", "3_judgments", STAGE, "4_pairs", "5_ref_logprobs", "6_dpo"):
         assert (it / stage / "done.json").exists(), stage
     assert json.loads((run / "manifest.json").read_text())["finished"] and not list(run.rglob("*.partial"))
+    meta_sft = read_jsonl(run / "sft" / "M1" / "meta_sft.jsonl")  # M1 learned the meta prompt; the baseline not
+    assert len(meta_sft) == META_SFT and all(parse_winner(r["response"]) in ("A", "B") for r in meta_sft)
+    assert json.loads((run / "sft" / "M1" / "done.json").read_text())["meta_examples"] == META_SFT
+    assert not (run / "sft" / "sft_baseline" / "meta_sft.jsonl").exists()
+    assert all(r["prompt"].startswith("Two reviews of one response") for r in meta_sft)
     plan, counts = _plan(run)
     s = json.loads((it / STAGE / "done.json").read_text())
     assert s["comparisons"] == len(plan) > 0 and s["responses_compared"] == counts["disagreeing"]

@@ -211,6 +211,37 @@ def test_copy_documents_only_when_asked():
 PLAIN_CORPUS_400 = "6d9aa99df8690cdb"  # corpus.py at commit 8e7d8e8
 
 
+def test_check_documents_hold_one_true_or_false_check_each():
+    """CorpusMix.checks: tasks with a response and one review check; the verdict is the grader's own check of
+    that response, and failed checks are about as common as passed ones (reviews mostly pass them)."""
+    import re
+
+    from loop.world.corpus import CorpusMix, corpus_documents
+    from loop.world.tasks import FAMILIES, parse_task
+
+    mixed = corpus_documents(0, 400, set(), CorpusMix(checks=0.25))
+    docs = [d for d in mixed if "\nCheck: " in d]
+    assert 0.1 < len(docs) / len(mixed) < 0.3
+    verdicts = []
+    for doc in docs:
+        for part in doc.split("\n\n"):
+            task_line, response_line, check_line = part.split("\n")
+            task = parse_task(task_line.removeprefix("Task: "))
+            response = response_line.removeprefix("Response: ")
+            phrase, verdict = check_line.removeprefix("Check: ").rsplit(": ", 1)
+            items = [int(x) for x in re.findall(r"\d+", response)]
+            family = FAMILIES[task.family]
+            assert len(items) == family.count(task.params)  # the count check passed: the items rule is next
+            results = {family.items_ok(task.params, items), family.goal_ok(task.params, items)}
+            assert (verdict == "yes", phrase) in results
+            verdicts.append(verdict)
+    assert 0.35 < verdicts.count("no") / len(verdicts) < 0.65
+    with pytest.raises(ConfigError, match="corpus_check_share"):
+        WorldConfig(corpus_check_share=1.0)
+    with pytest.raises(ConfigError, match="corpus_copy_share \\+ corpus_check_share"):
+        WorldConfig(corpus_copy_share=0.5, corpus_check_share=0.5)
+
+
 def test_build_m0_is_cached(tmp_path):
     from model.checkpoint import load_pretrained
 

@@ -9,6 +9,7 @@ Contract with the loop (docs/CONTRACTS.md):
   - `build_m0(cache_dir) -> (checkpoint_dir, tokenizer_path)`: HF checkpoint of the pretrained tiny
     Llama (tokenizer.model copied in), cached under cache_dir/m0-<hash of config and world source>.
   - `judge_template_path`: loop/world/judge_template.txt (slots <INSTRUCTION_HERE>, <RESPONSE_HERE>).
+  - `meta_template_path`: loop/world/meta_template.txt, the meta-judge prompt (meta.template = world).
   - `validation_prompts(n) -> list[dict]`: n fresh {"id", "prompt"} for checkpoint selection, drawn from
     their own stream of cfg.seed and sharing no instruction with the seed splits (loop/checkpoint_select.py).
   - `is_valid_prompt(text) -> bool`: text is one solvable instruction of this world (the keyword and
@@ -34,6 +35,7 @@ SEED_FILES = {"ift": "ift.jsonl", "eft_train": "eft_train.jsonl", "eft_eval": "e
 
 class World:
     judge_template_path: Path = Path(__file__).resolve().parent / "judge_template.txt"
+    meta_template_path: Path = Path(__file__).resolve().parent / "meta_template.txt"
 
     def __init__(self, cfg: WorldConfig | None = None):
         self.cfg = cfg or WorldConfig()

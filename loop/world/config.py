@@ -29,6 +29,8 @@ class WorldConfig:
     corpus_docs: int = 12000
     # share of the corpus that is number lists written twice (corpus.py CorpusMix.copy: in-context copying)
     corpus_copy_share: float = 0.0
+    # share that is single review checks, true or false half the time each (CorpusMix.checks: the verdict step)
+    corpus_check_share: float = 0.0
     pretrain_steps: int = 800
     pretrain_batch: int = 16
     pretrain_seq_len: int = 256
@@ -53,8 +55,12 @@ class WorldConfig:
             raise ConfigError(f"world config: tokenizer_vocab_size={self.tokenizer_vocab_size} must be in [256, 32000]")
         if self.chat_template not in ("llama2", "llama3", "chatml"):
             raise ConfigError(f"world config: chat_template={self.chat_template!r} must be llama2|llama3|chatml")
-        if not 0.0 <= self.corpus_copy_share < 1.0:
-            raise ConfigError(f"world config: corpus_copy_share={self.corpus_copy_share} must be in [0, 1)")
+        for key in ("corpus_copy_share", "corpus_check_share"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"world config: {key}={getattr(self, key)} must be in [0, 1)")
+        if self.corpus_copy_share + self.corpus_check_share >= 1.0:
+            raise ConfigError("world config: corpus_copy_share + corpus_check_share must be < 1 "
+                              "(the task documents need a share)")
         for key in ("pretrain_lr", "pretrain_min_lr", "init_std"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"world config: {key}={getattr(self, key)} must be positive")

@@ -1,6 +1,6 @@
 """The world's pretraining corpus: the text a base model of this world would have read.
 
-Four kinds of documents (five with CorpusMix.copy), drawn from the same task families as the seed data
+Four kinds of documents (six with CorpusMix.copy and .checks), drawn from the same task families as the seed data
 but never from the seed instructions themselves: tasks with answers ("Task: ... Answer: ..."), reviews of answers
 that spell out the checks ("Task / Response / Review: ... Score: k"), plain facts ("5 + 9 = 14",
 "12 < 18 < 30", "18 is even") and lists of tasks (what self-instruct prompting continues). M0 thus
@@ -10,11 +10,12 @@ from IFT and EFT.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from .grader import justification_for
 from .seed import candidates_by_score, correct_response
-from .tasks import sample_task
+from .tasks import FAMILIES, sample_task
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class CorpusMix:
     # Number lists written twice ("Numbers: 21 39 12\nAgain: 21 39 12"): pure in-context copying, the
     # skill every check of a review needs ("33 in list"). 0 (the default) leaves the corpus unchanged.
     copy: float = 0.0
+    # One check of a review on its own, true or false half the time each ("Check: 45 < 47 < 54: no"): the
+    # verdict step the judge gets wrong (bench/RESULTS.md, copy probe: 83% per check, 75% = always "yes").
+    # Reviews pass checks far more often than they fail them, and the facts are all true. 0: unchanged.
+    checks: float = 0.0
 
 
 def _qa_doc(rng: random.Random, forbidden: set[str]) -> str:
@@ -75,6 +80,27 @@ def _copy_doc(rng: random.Random) -> str:
     return "\n".join(lines)
 
 
+def _check_doc(rng: random.Random, forbidden: set[str]) -> str:
+    """1-3 tasks, each with a response and one check of it: the items rule or the goal, failed or passed
+    with even odds (responses drawn from the graded candidates that fail or pass exactly that check)."""
+    parts = []
+    for _ in range(rng.randint(1, 3)):
+        task = _fresh_task(rng, forbidden)
+        family = FAMILIES[task.family]
+        by_score = candidates_by_score(task, rng, tries=6)
+        # score 2 = the items check failed, 3 = items passed and the goal failed, >= 4 = both passed
+        check = rng.choice(("items", "goal"))
+        fail, passed = ([2], [3, 4, 5]) if check == "items" else ([3], [4, 5])
+        levels = [s for s in (fail if rng.random() < 0.5 else passed) if by_score.get(s)]
+        if not levels:
+            continue
+        response = rng.choice(by_score[rng.choice(levels)])
+        items = [int(x) for x in re.findall(r"\d+", response)]
+        ok, phrase = (family.items_ok if check == "items" else family.goal_ok)(task.params, items)
+        parts.append(f"Task: {task.text}\nResponse: {response}\nCheck: {phrase}: {'yes' if ok else 'no'}")
+    return "\n\n".join(parts) or _facts_doc(rng)
+
+
 def _facts_doc(rng: random.Random) -> str:
     return "\n".join(_fact_line(rng) for _ in range(rng.randint(4, 8)))
 
@@ -96,8 +122,8 @@ def _fresh_task(rng: random.Random, forbidden: set[str]):
 def corpus_documents(seed: int, n_docs: int, forbidden: set[str], mix: CorpusMix = CorpusMix()) -> list[str]:
     """`n_docs` documents, deterministic for `seed`; no seed instruction (`forbidden`) appears."""
     rng = random.Random(f"world-corpus-{seed}")
-    # "copy" last: at weight 0 it is never drawn and the other kinds' draws are unchanged
-    kinds = ("qa", "review", "facts", "task_list", "copy")
+    # "copy" and "checks" last: at weight 0 never drawn, and the other kinds' draws are unchanged
+    kinds = ("qa", "review", "facts", "task_list", "copy", "checks")
     weights = [getattr(mix, k) for k in kinds]
     docs = []
     for _ in range(n_docs):
@@ -110,6 +136,8 @@ def corpus_documents(seed: int, n_docs: int, forbidden: set[str], mix: CorpusMix
             docs.append(_facts_doc(rng))
         elif kind == "copy":
             docs.append(_copy_doc(rng))
+        elif kind == "checks":
+            docs.append(_check_doc(rng, forbidden))
         else:
             docs.append(_task_list_doc(rng, forbidden))
     return docs
