@@ -151,8 +151,7 @@ class Loop:
 
     # --- SFT, EFT builder -------------------------------------------------------------------
     def train_sft(self, name: str, with_eft: bool) -> None:
-        from loop.stage_train import run_sft
-
+        run_sft = S.SFT.function()
         st = self.stage(S.SFT, name)
         if st.done:
             return
@@ -186,8 +185,7 @@ class Loop:
     def build_eft(self) -> None:
         """EFT data from the SFT baseline (loop/stage_eft.py): OASST's ranked candidates judged, or the world's
         instructions answered and graded."""
-        from loop.stage_eft import build_eft
-
+        build_eft = S.EFT.function()
         st = self.stage(S.EFT)
         if st.done:
             return
@@ -198,8 +196,9 @@ class Loop:
 
     # --- one AIFT iteration -----------------------------------------------------------------
     def iteration(self, t: int) -> None:
-        from loop import stage_aift as A
-
+        # each stage's function, as the stage table names it
+        gen_prompts, gen_responses, judge_responses, meta_judge, make_pairs = (
+            st.function() for st in (S.PROMPTS, S.RESPONSES, S.JUDGMENTS, S.META_JUDGE, S.PAIRS))
         cfg, run, F = self.cfg, self.run_dir, S.F
         current = self.model_dir(f"M{t}")
         gen_model = {"current": current, "M0": self.model_dir("M0")}.get(cfg.prompts.model) or Path(cfg.prompts.model)
@@ -208,23 +207,21 @@ class Loop:
         is_valid = self.world.is_valid_prompt if (self.world is not None and cfg.prompts.world_filter) else None
         if not s1.done:
             work = s1.begin()
-            s1.finish(A.gen_prompts(self.sampler(gen_model), self.tok, self.dist, cfg, ift_path=self.seed_path(F.IFT),
-                                    earlier_prompt_paths=earlier, work=work, iteration=t, is_valid=is_valid))
+            s1.finish(gen_prompts(self.sampler(gen_model), self.tok, self.dist, cfg, ift_path=self.seed_path(F.IFT),
+                                  earlier_prompt_paths=earlier, work=work, iteration=t, is_valid=is_valid))
         prompts_path = S.PROMPTS.path(run, F.PROMPTS, t)
         responses_path = S.RESPONSES.path(run, F.RESPONSES, t)
         if not s2.done:
             work = s2.begin()
-            s2.finish(A.gen_responses(self.sampler(current), self.tok, self.dist, cfg, prompts_path=prompts_path,
-                                      work=work, iteration=t))
+            s2.finish(gen_responses(self.sampler(current), self.tok, self.dist, cfg, prompts_path=prompts_path,
+                                    work=work, iteration=t))
         if not s3.done:
             work = s3.begin()
-            s3.finish(A.judge_responses(self.sampler(current), self.tok, self.dist, cfg,
-                                        template=self.judge_template(), prompts_path=prompts_path,
-                                        responses_path=responses_path, work=work, iteration=t))
+            s3.finish(judge_responses(self.sampler(current), self.tok, self.dist, cfg,
+                                      template=self.judge_template(), prompts_path=prompts_path,
+                                      responses_path=responses_path, work=work, iteration=t))
         judge_pairs = None
         if cfg.meta.enabled:  # Meta-Rewarding: M_t also judges its judgments (loop/meta_judge.py)
-            from loop.meta_judge import meta_judge
-
             s3m = self.stage(S.META_JUDGE, t)
             if not s3m.done:
                 work = s3m.begin()
@@ -236,9 +233,9 @@ class Loop:
             judge_pairs = S.META_JUDGE.path(run, F.JUDGE_PAIRS, t)
         if not s4.done:
             work = s4.begin()
-            summary = A.make_pairs(cfg, prompts_path=prompts_path, responses_path=responses_path,
-                                   scores_path=S.JUDGMENTS.path(run, F.SCORES, t), work=work,
-                                   judge_pairs_path=judge_pairs) if self.dist.is_main else {}
+            summary = make_pairs(cfg, prompts_path=prompts_path, responses_path=responses_path,
+                                 scores_path=S.JUDGMENTS.path(run, F.SCORES, t), work=work,
+                                 judge_pairs_path=judge_pairs) if self.dist.is_main else {}
             s4.finish(summary)
         self.train_dpo(t, S.PAIRS.path(run, F.PAIRS, t))
         self.select(t)
@@ -246,8 +243,8 @@ class Loop:
     def train_dpo(self, t: int, pairs_path: Path) -> None:
         from loop.records import read_jsonl
         from loop.checkpoint_select import candidates_dir
-        from loop.stage_train import run_dpo, run_ref_logprobs
 
+        run_ref_logprobs, run_dpo = S.REF_LOGPROBS.function(), S.DPO.function()
         current, nxt = self.model_dir(f"M{t}"), self.model_dir(f"M{t + 1}")
         s5, s6 = self.stage(S.REF_LOGPROBS, t), self.stage(S.DPO, t)
         ref_pairs = S.REF_LOGPROBS.path(self.run_dir, S.F.PAIRS, t)
@@ -285,6 +282,7 @@ class Loop:
         """(7) which DPO checkpoint becomes M(t+1) (loop/checkpoint_select.py); recorded also when selection is off."""
         from loop import checkpoint_select as CS
 
+        select_checkpoint = S.SELECT.function()
         st = self.stage(S.SELECT, t)
         if st.done:
             return
@@ -296,10 +294,10 @@ class Loop:
             return
         current, nxt = self.model_dir(f"M{t}"), self.model_dir(f"M{t + 1}")
         last = f"step{dpo['steps']}"
-        summary = CS.select_checkpoint(sampler_for=self.sampler, judge=lambda: self.select_judge(current),
-                                       tok=self.tok, dist=self.dist, cfg=self.cfg, t=t, current=current,
-                                       candidates=CS.list_candidates(nxt, dpo["steps"]),
-                                       prompts=CS.validation_prompts(self.cfg, self.world), work=work)
+        summary = select_checkpoint(sampler_for=self.sampler, judge=lambda: self.select_judge(current),
+                                    tok=self.tok, dist=self.dist, cfg=self.cfg, t=t, current=current,
+                                    candidates=CS.list_candidates(nxt, dpo["steps"]),
+                                    prompts=CS.validation_prompts(self.cfg, self.world), work=work)
         if summary["chosen"] != last:
             self.release_sampler()  # it may hold the last step's weights under M(t+1)'s name
             if self.dist.is_main:
@@ -321,8 +319,7 @@ class Loop:
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, name: str) -> None:
-        from loop.stage_eval import eval_model
-
+        eval_model = S.EVAL.function()
         st = self.stage(S.EVAL, name)
         if st.done or not self.cfg.eval.enabled:
             return

@@ -1,12 +1,13 @@
 """The loop's stage table: every stage's folder, the record files it leaves and the stages it reads.
 
-The orchestrator (iterate.py) opens a stage's folder through its entry here, resume asks the same
-folder whether its done marker is there (stage_dir.py), and the report (report.py) walks the same
-entries, so a stage or file name is spelled once, in this file. Folder and file names are the run
+The orchestrator (iterate.py) opens a stage's folder through its entry here and calls the stage's
+function through it, resume asks the same folder whether its done marker is there (stage_dir.py), and
+the report (report.py) walks the same entries, so a stage or file name is spelled once, in this file. Folder and file names are the run
 directory's format (docs/DATA.md): renaming one here makes older run directories unreadable.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,15 @@ class Stage:
     outputs: tuple[str, ...]  # record files the finished folder may hold, besides done.json
     reads: tuple[str, ...]  # names of the stages whose folders it reads
     what: str  # one line for the docs and the report
+    fn: str  # "module:function" that does the stage's work; the orchestrator calls it through function()
+
+    def function(self):
+        """The callable `fn` names (imported on first use: the table itself imports nothing of the loop)."""
+        module, _, qualname = self.fn.partition(":")
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def folder(self, run_dir: Path, key: int | str | None = None) -> Path:
         """This stage's folder; key: the iteration t (PER_ITERATION) or the model's name (PER_MODEL)."""
@@ -81,27 +91,38 @@ def iteration_of(folder_name: str) -> int | None:
 
 
 SEED = Stage("seed", RUN, (F.IFT, F.EFT_TRAIN, F.EFT_EVAL, F.EVAL_PROMPTS, F.EFT_CANDIDATES), (),
-             "seed data of data.source (the world, a user's JSONL or HF dataset, OASST)")
-M0 = Stage("m0", RUN, (), (), "the base model: pretrained by the world or linked from model.init")
-SFT = Stage("sft", PER_MODEL, (F.META_SFT,), ("seed", "m0", "eft"), "SFT of M0: sft_baseline on IFT, M1 on IFT + EFT")
+             "seed data of data.source (the world, a user's JSONL or HF dataset, OASST)",
+             "loop.iterate:Loop.prepare")
+M0 = Stage("m0", RUN, (), (), "the base model: pretrained by the world or linked from model.init",
+           "loop.iterate:Loop.prepare")
+SFT = Stage("sft", PER_MODEL, (F.META_SFT,), ("seed", "m0", "eft"), "SFT of M0: sft_baseline on IFT, M1 on IFT + EFT",
+            "loop.stage_train:run_sft")
 EFT = Stage("eft", RUN, (F.JUDGMENTS, F.SAMPLES, F.EFT_TRAIN, F.EFT_EVAL), ("seed", "sft"),
-            "EFT data from the SFT baseline: its judgments of ranked answers (OASST) or its graded answers (world)")
+            "EFT data from the SFT baseline: its judgments of ranked answers (OASST) or its graded answers (world)",
+            "loop.stage_eft:build_eft")
 PROMPTS = Stage("1_prompts", PER_ITERATION, (F.ATTEMPTS, F.PROMPTS), ("seed", "1_prompts"),
-                "self-instruct: M_t (or prompts.model) writes new prompts")
-RESPONSES = Stage("2_responses", PER_ITERATION, (F.RESPONSES,), ("1_prompts",), "N responses per prompt")
+                "self-instruct: M_t (or prompts.model) writes new prompts", "loop.stage_aift:gen_prompts")
+RESPONSES = Stage("2_responses", PER_ITERATION, (F.RESPONSES,), ("1_prompts",), "N responses per prompt",
+                  "loop.stage_aift:gen_responses")
 JUDGMENTS = Stage("3_judgments", PER_ITERATION, (F.JUDGMENTS, F.SCORES), ("1_prompts", "2_responses"),
-                  "K judgments per response by M_t; their mean is the response's score")
+                  "K judgments per response by M_t; their mean is the response's score",
+                  "loop.stage_aift:judge_responses")
 META_JUDGE = Stage("3m_meta_judge", PER_ITERATION, (F.COMPARISONS, F.JUDGE_PAIRS, F.JUDGE_OUTCOMES),
-                   ("1_prompts", "2_responses", "3_judgments"), "meta.enabled: M_t judges its judgments")
+                   ("1_prompts", "2_responses", "3_judgments"), "meta.enabled: M_t judges its judgments",
+                   "loop.meta_judge:meta_judge")
 PAIRS = Stage("4_pairs", PER_ITERATION, (F.PAIRS, F.OUTCOMES), ("1_prompts", "2_responses", "3_judgments",
-                                                               "3m_meta_judge"), "chosen/rejected per prompt")
+                                                               "3m_meta_judge"), "chosen/rejected per prompt",
+              "loop.stage_aift:make_pairs")
 REF_LOGPROBS = Stage("5_ref_logprobs", PER_ITERATION, (F.PAIRS,), ("4_pairs",),
-                     "the pairs with M_t's reference log-probs")
-DPO = Stage("6_dpo", PER_ITERATION, (), ("5_ref_logprobs",), "DPO of M_t on the pairs -> M_{t+1}")
-SELECT = Stage("7_select", PER_ITERATION, (F.CHOICE,), ("6_dpo",), "which DPO checkpoint becomes M_{t+1}")
+                     "the pairs with M_t's reference log-probs", "loop.stage_train:run_ref_logprobs")
+DPO = Stage("6_dpo", PER_ITERATION, (), ("5_ref_logprobs",), "DPO of M_t on the pairs -> M_{t+1}",
+            "loop.stage_train:run_dpo")
+SELECT = Stage("7_select", PER_ITERATION, (F.CHOICE,), ("6_dpo",), "which DPO checkpoint becomes M_{t+1}",
+               "loop.checkpoint_select:select_checkpoint")
 EVAL = Stage("eval", PER_MODEL, (F.GENERATIONS, F.ALPACA_EVAL, F.RM_JUDGMENTS, F.GRADES, F.SELF_RESPONSES,
                                  F.SELF_JUDGMENTS), ("seed", "eft", "eval"),
-             "held-out generations, reward-model metrics, grades, self-pair accuracy, pairwise matches")
+             "held-out generations, reward-model metrics, grades, self-pair accuracy, pairwise matches",
+             "loop.stage_eval:eval_model")
 
 # In the order the orchestrator runs them (loop/iterate.py: Loop.run); META_JUDGE only with meta.enabled.
 BEFORE_ITERATIONS = (SEED, M0, SFT, EFT)

@@ -42,6 +42,17 @@ def test_table_is_consistent():
         assert len(set(stage.outputs)) == len(stage.outputs), stage.name
 
 
+def test_every_stage_names_its_function_and_the_orchestrator_calls_it_so():
+    """fn resolves to a callable for every stage, and iterate.py reaches a stage function only through the table
+    (no import of it by name)."""
+    for stage in S.TABLE.values():
+        assert callable(stage.function()), stage.name
+    tree = ast.parse((REPO / "loop" / "iterate.py").read_text(encoding="utf-8"))
+    worker = {st.fn.partition(":")[2] for st in S.TABLE.values()} - {"Loop.prepare"}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert not worker & imported  # the loop tests (test_loop_run, test_loop_dist) run every one of them
+
+
 def _string_constants(path: Path):
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
