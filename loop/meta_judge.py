@@ -227,7 +227,7 @@ def meta_judge(sampler, tok, dist: Dist, cfg: LoopConfig, *, judge_template: str
     work/judge_outcomes.jsonl (every compared response: wins, losses, drop reason); returns the summary.
     meta_template: the loaded meta-judge prompt (load_meta_template)."""
     mc = cfg.meta
-    template, rubric = meta_template, rubric_of(judge_template)
+    rubric = rubric_of(judge_template)
     prompt_text = {p["id"]: p["prompt"] for p in read_jsonl(prompts_path, ("id", "prompt"))}
     responses = read_jsonl(responses_path, ("id", "prompt_id", "text"))
     judgments = read_jsonl(judgments_path, ("id", "target_id", "sample_index", "text", "score"))
@@ -238,7 +238,7 @@ def meta_judge(sampler, tok, dist: Dist, cfg: LoopConfig, *, judge_template: str
         r = response[c["target_id"]]
         for order in ORDERS:
             first, second = (c["a"], c["b"]) if order == "ab" else (c["b"], c["a"])
-            text = fill_meta(template, rubric, prompt_text[r["prompt_id"]], r["text"], shown_judgment(first),
+            text = fill_meta(meta_template, rubric, prompt_text[r["prompt_id"]], r["text"], shown_judgment(first),
                              shown_judgment(second))
             rid = comparison_id(c, order)
             seed = stable_seed(cfg.run.seed, "meta_judge", rid)

@@ -2,8 +2,9 @@
 
 The orchestrator (iterate.py) opens a stage's folder through its entry here and calls the stage's
 function through it, resume asks the same folder whether its done marker is there (stage_dir.py), and
-the report (report.py) walks the same entries, so a stage or file name is spelled once, in this file. Folder and file names are the run
-directory's format (docs/DATA.md): renaming one here makes older run directories unreadable.
+the report (report.py) walks the same entries, so a stage or file name is spelled once, in this file.
+Folder and file names are the run directory's format (docs/DATA.md): renaming one here makes older run
+directories unreadable.
 """
 from __future__ import annotations
 

@@ -10,12 +10,11 @@ from IFT and EFT.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
 from .grader import justification_for
 from .seed import candidates_by_score, correct_response
-from .tasks import FAMILIES, sample_task
+from .tasks import run_checks, sample_task
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,6 @@ def _check_doc(rng: random.Random, forbidden: set[str]) -> str:
     parts = []
     for _ in range(rng.randint(1, 3)):
         task = _fresh_task(rng, forbidden)
-        family = FAMILIES[task.family]
         by_score = candidates_by_score(task, rng, tries=6)
         # score 2 = the items check failed, 3 = items passed and the goal failed, >= 4 = both passed
         check = rng.choice(("items", "goal"))
@@ -95,9 +93,8 @@ def _check_doc(rng: random.Random, forbidden: set[str]) -> str:
         if not levels:
             continue
         response = rng.choice(by_score[rng.choice(levels)])
-        items = [int(x) for x in re.findall(r"\d+", response)]
-        ok, phrase = (family.items_ok if check == "items" else family.goal_ok)(task.params, items)
-        parts.append(f"Task: {task.text}\nResponse: {response}\nCheck: {phrase}: {'yes' if ok else 'no'}")
+        c = run_checks(task, response)[2 if check == "items" else 3]  # the grader's own check, as reviews spell it
+        parts.append(f"Task: {task.text}\nResponse: {response}\nCheck: {c.phrase}: {'yes' if c.passed else 'no'}")
     return "\n\n".join(parts) or _facts_doc(rng)
 
 
