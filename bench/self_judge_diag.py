@@ -9,7 +9,13 @@ self_judgments.jsonl) and checks every judgment against the grader's own ordered
 - for answers that fail a check (the items rule or the goal), among the judgments that get that far: does the
   judgment write exactly the check that fails, and does it conclude "no" there?
 A judge that copies well and writes the right check but still says "yes" runs the same wrong computation that
-produced the answer: no generator-verifier gap for its own mistakes. Never part of the loop (it uses the grader).
+produced the answer: no generator-verifier gap for its own mistakes.
+
+It also prints the ceiling of reference-guided judging (MT-Bench's judge prompt carrying the judge's own answer):
+a judge that copies and compares perfectly scores a response 5 when its answer equals the reference and 1 when
+not, so its self-pair accuracy over the same pairs is an upper bound on any such variant. Two references: the
+model's greedy answer to the prompt (eval/<model>/generations.jsonl) and the majority answer of its own samples.
+Never part of the loop (it uses the grader).
 """
 from __future__ import annotations
 
@@ -58,6 +64,43 @@ def diagnose(run_dir: Path, model: str = "M1") -> Counter:
     return out
 
 
+def reference_ceiling(run_dir: Path, model: str = "M1") -> dict:
+    """Self-pair accuracy of a perfect reference-guided judge, by reference kind, and how often the reference
+    itself is correct: {"greedy": {...self_pair_accuracy..., "reference_correct": %}, "majority": {...}}."""
+    from collections import Counter
+
+    from loop.records import read_jsonl
+    from loop.self_pairs import self_pair_accuracy
+    from loop.stages import EVAL, F, SEED
+    from loop.vote import answer_key
+    from loop.world.grader import grade
+
+    prompts = {p["id"]: p["prompt"] for p in read_jsonl(SEED.path(run_dir, F.EVAL_PROMPTS), ("id", "prompt"))}
+    responses = read_jsonl(EVAL.path(run_dir, F.SELF_RESPONSES, model), ("id", "prompt_id", "text"))
+    greedy = {g["id"]: g["text"] for g in read_jsonl(EVAL.path(run_dir, F.GENERATIONS, model), ("id", "text"))}
+    grades = {r["id"]: float(r["grade"]) if "grade" in r else grade(prompts[r["prompt_id"]], r["text"]).score
+              for r in responses}
+    by_prompt: dict[str, Counter] = {}
+    for r in responses:
+        by_prompt.setdefault(r["prompt_id"], Counter())[answer_key(r["text"])] += 1
+    references = {
+        "greedy": {pid: greedy[pid] for pid in by_prompt if pid in greedy},
+        # the most frequent answer (first seen among equals), as a text the grader can read
+        "majority": {pid: next(r["text"] for r in responses if r["prompt_id"] == pid
+                               and answer_key(r["text"]) == c.most_common(1)[0][0])
+                     for pid, c in by_prompt.items()},
+    }
+    out = {}
+    for kind, ref in references.items():
+        scores = {r["id"]: (5.0 if answer_key(r["text"]) == answer_key(ref[r["prompt_id"]]) else 1.0)
+                  if r["prompt_id"] in ref else None for r in responses}
+        summary = self_pair_accuracy(responses, grades, scores)
+        correct = [grade(prompts[pid], text).correct for pid, text in ref.items()]
+        summary["reference_correct"] = 100.0 * sum(correct) / len(correct) if correct else None
+        out[kind] = summary
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -74,6 +117,11 @@ def main(argv=None) -> None:
         judged = f"fails {name}: judged"
         print(f"  answers failing the {name} check ({c[f'fails {name}']}), judged that far {c[judged]}: exact check "
               f"written {pct(f'fails {name}: exact check', judged)}, says no {pct(f'fails {name}: says no', judged)}")
+    for kind, r in reference_ceiling(args.run_dir, args.model).items():
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1f}%"
+        ok = "-" if r["reference_correct"] is None else f"{r['reference_correct']:.1f}%"
+        print(f"  perfect reference-guided judge, {kind} reference (correct on {ok} of prompts): self-pair {acc} "
+              f"({r['agree']} / {r['disagree']} / {r['tie']} agree / disagree / tie of {r['num_pairs']} pairs)")
 
 
 if __name__ == "__main__":

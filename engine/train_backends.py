@@ -27,6 +27,7 @@ from model.weight_loading import CheckpointReader, materialize
 from .config import TrainConfig
 from .distributed import Dist
 from .ds_config import build_ds_config
+from .optim import adamw, param_groups
 from .schedule import CosineSchedule
 from .steps import PolicyLoss
 from .zero3 import build_partitioned
@@ -36,19 +37,8 @@ LATEST = "latest"
 WORLD_FILE = "world_size"
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices, not norm gains (1-D); one group when there is no decay."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if weight_decay == 0:
-        return [{"params": params, "weight_decay": 0.0}]
-    matrix = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    vector = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-    return [{"params": matrix, "weight_decay": weight_decay}, {"params": vector, "weight_decay": 0.0}]
-
-
 def make_adamw(groups, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                             foreach=True)
+    return adamw(groups, cfg.lr, cfg.adam_betas, cfg.adam_eps)
 
 
 def load_full_model(reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> Llama:

@@ -103,10 +103,13 @@ class Loop:
             m0.begin()
             if cfg.model.init == "world":
                 cache = Path(cfg.data.world_cache_dir)
+                built = None
                 if self.dist.is_main:  # pretraining M0 is cached by config hash: rank 0 builds, others reuse
-                    self.world.build_m0(cache, log=lambda m: log(self.dist, m), metrics=self.stage_metrics(S.M0))
-                barrier()
-                ckpt, tok_path = self.world.build_m0(cache, log=lambda m: None)
+                    built = self.world.build_m0(cache, log=lambda m: log(self.dist, m),
+                                                metrics=self.stage_metrics(S.M0))
+                # rank 0's paths, not a second hash on each rank: a source edited during the run would
+                # give another key and pretrain a second M0 under it with the code already imported
+                ckpt, tok_path = broadcast_object(built, self.dist)
             else:  # any checkpoint format, also with the world's data (its tasks as chat prompts)
                 from model.checkpoint import CheckpointError, checkpoint_format
 

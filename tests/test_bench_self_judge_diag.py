@@ -26,11 +26,22 @@ def test_counts_against_the_graders_checks(tmp_path, capsys):
                 [{"id": rid, "prompt_id": "p", "text": text} for rid, text in responses.items()])
     write_jsonl(EVAL.path(tmp_path, F.SELF_JUDGMENTS, "M1"),
                 [{"id": f"j{i}", "target_id": rid, "text": text} for i, (rid, text) in enumerate(judgments)])
+    write_jsonl(EVAL.path(tmp_path, F.GENERATIONS, "M1"), [{"id": "p", "text": "14"}])  # the greedy answer
     c = self_judge_diag.diagnose(tmp_path, "M1")
     assert (c["judgments"], c["items check written"], c["answer copied"]) == (5, 4, 3)
     assert (c["fails items"], c["fails items: judged"], c["fails items: exact check"], c["fails items: says no"]) \
         == (2, 2, 1, 1)
     assert (c["fails goal"], c["fails goal: judged"], c["fails goal: exact check"], c["fails goal: says no"]) \
         == (2, 1, 1, 0)
+    ref = self_judge_diag.reference_ceiling(tmp_path, "M1")
+    # grades 2 / 5 / 3: the greedy reference "14" is right, so it orders (r0, r1) and (r2, r1) and ties (r0, r2)
+    g = ref["greedy"]
+    assert (g["agree"], g["disagree"], g["tie"], g["reference_correct"]) == (2, 0, 1, 100.0)
+    assert abs(g["accuracy"] - 250 / 3) < 1e-9
+    # three different answers: the majority is the first seen, "31", which is wrong
+    m = ref["majority"]
+    assert (m["agree"], m["disagree"], m["tie"], m["reference_correct"]) == (0, 2, 1, 0.0)
     self_judge_diag.main([str(tmp_path)])
-    assert "answer copied into the items check 3 / 4 (75%)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "answer copied into the items check 3 / 4 (75%)" in out
+    assert "greedy reference (correct on 100.0% of prompts): self-pair 83.3%" in out

@@ -282,3 +282,33 @@ def test_evidence_tables_report_mean_and_spread():
     assert "| judge Spearman | - | - |" in text  # NaN is no value
     assert "| M1 vs sft_baseline | 50 ± 0 | 20 ± 0 | 30 ± 0 |" in text
     assert "110 ± 10 s" in text
+
+
+def test_pretrain_steps_by_the_engine_schedule():
+    """M0 pretraining steps by the engine's schedule: linear warmup, then cosine to the floor, every step."""
+    import torch
+
+    from engine.schedule import cosine_lr
+    from loop.world.m0 import pretrain
+
+    cfg = WorldConfig(pretrain_steps=7, pretrain_warmup=2, pretrain_batch=2, pretrain_seq_len=16,
+                      pretrain_lr=1e-2, pretrain_min_lr=1e-3, pretrain_weight_decay=0.5, tokenizer_vocab_size=512,
+                      model_overrides={"dim": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 32,
+                                       "max_seq_len": 32})
+
+    class Sink:
+        def __init__(self):
+            self.records = []
+
+        def begin(self, _):
+            pass
+
+        def step(self, record):
+            self.records.append(record)
+
+    rows = torch.randint(0, 512, (6, 17), generator=torch.Generator().manual_seed(0))
+    sink = Sink()
+    model, _ = pretrain(cfg, rows, log_every=1, log=None, metrics=sink)
+    want = [cosine_lr(s, 7, 1e-2, 1e-3, 2) for s in range(7)]
+    assert [r["lr"] for r in sink.records] == pytest.approx(want, rel=1e-12)
+    assert want[1] == pytest.approx(1e-2) and want[-1] > 1e-3  # warmup reached the peak; the floor is at step 7

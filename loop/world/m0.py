@@ -4,7 +4,8 @@ The cache key hashes the WorldConfig and the source of every file that shapes th
 tokenizer or the training step, so a code change rebuilds M0 and a rerun with the same config skips
 straight to the cached checkpoint.
 
-Pretraining is a plain next-token loss over packed documents. The vocabulary is a few hundred pieces,
+Pretraining is a plain next-token loss over packed documents, stepped by the engine's AdamW groups
+(engine/optim.py) and cosine schedule (engine/schedule.py). The vocabulary is a few hundred pieces,
 so full logits are cheaper here than the fused kernels.linear_logprobs (which exists to avoid
 [N, V] logits for 32k-128k vocabularies); the loop's SFT and DPO stages use the engine trainer.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
+from engine.optim import adamw, param_groups
 from engine.progress import Progress
+from engine.schedule import CosineSchedule
 from model.checkpoint import save_pretrained
 from model.llama import Llama
 
@@ -29,14 +31,18 @@ from .corpus import CorpusMix, corpus_documents
 from .tokenizer_train import train_tokenizer
 
 WORLD_DIR = Path(__file__).resolve().parent
-_SOURCES = ("tasks.py", "grader.py", "seed.py", "corpus.py", "tokenizer_train.py", "m0.py", "config.py",
-            "judge_template.txt")
+ENGINE_DIR = WORLD_DIR.parent.parent / "engine"
+_SOURCES = tuple(WORLD_DIR / name for name in ("tasks.py", "grader.py", "seed.py", "corpus.py", "tokenizer_train.py",
+                                               "m0.py", "config.py", "judge_template.txt")) + \
+    (ENGINE_DIR / "optim.py", ENGINE_DIR / "schedule.py")
+# beta2 0.95 as in Llama pretraining: the loss is noisy over a few hundred steps of a tiny model
+PRETRAIN_BETAS = (0.9, 0.95)
 
 
 def m0_cache_key(cfg: WorldConfig) -> str:
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for name in _SOURCES:
-        h.update((WORLD_DIR / name).read_bytes())
+    for path in _SOURCES:
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -58,13 +64,6 @@ def _pack(docs: list[str], sp, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n_rows * (seq_len + 1)], dtype=torch.long).view(n_rows, seq_len + 1)
 
 
-def _lr_at(step: int, cfg: WorldConfig) -> float:
-    if step < cfg.pretrain_warmup:
-        return cfg.pretrain_lr * (step + 1) / cfg.pretrain_warmup
-    progress = (step - cfg.pretrain_warmup) / max(1, cfg.pretrain_steps - cfg.pretrain_warmup)
-    return cfg.pretrain_min_lr + 0.5 * (cfg.pretrain_lr - cfg.pretrain_min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=print,
              device: str | torch.device = "cpu", metrics=None) -> tuple[Llama, list[dict]]:
     """Train a fresh Llama on `rows` ([R, seq_len + 1] token ids) for cfg.pretrain_steps steps.
@@ -74,10 +73,9 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Llama(cfg.model_config()).init_weights(cfg.init_std, gen).to(device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.pretrain_weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.pretrain_lr, betas=(0.9, 0.95))
+    # the engine's optimizer and schedule, so M0 is pretrained by the same recipe the trainer runs
+    opt = adamw(param_groups(model, cfg.pretrain_weight_decay), cfg.pretrain_lr, PRETRAIN_BETAS, eps=1e-8)
+    schedule = CosineSchedule(opt, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_min_lr, cfg.pretrain_warmup)
     history = []
     t0 = t_window = time.perf_counter()
     window_tokens = 0
@@ -85,8 +83,7 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
     if metrics is not None:
         metrics.begin(0)
     for step in range(cfg.pretrain_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+        lr = schedule.get_last_lr()[0]
         batch = rows[torch.randint(0, rows.shape[0], (cfg.pretrain_batch,), generator=gen)]
         batch = batch.to(device)
         x, y = batch[:, :-1], batch[:, 1:]
@@ -96,6 +93,7 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
         progress.advance()
         window_tokens += x.numel()
         if step % log_every == 0 or step == cfg.pretrain_steps - 1:
@@ -105,7 +103,7 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
             t_window, window_tokens = now, 0
             history.append({"step": step, "loss": round(value, 4), "elapsed_s": round(elapsed, 1)})
             if metrics is not None:
-                metrics.step({"step": step + 1, "loss": value, "lr": opt.param_groups[0]["lr"],
+                metrics.step({"step": step + 1, "loss": value, "lr": lr,
                               "grad_norm": grad_norm.item(), "tokens_per_s": rate})
             progress.report(f"[m0] step {step}/{cfg.pretrain_steps} loss {value:.3f} ({elapsed:.0f}s)",
                             loss=value, tok_s=round(rate))
