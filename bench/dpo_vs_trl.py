@@ -9,6 +9,7 @@ the same synthetic preference pairs (prompt + response 119-250 tokens, fixed see
 length 256, fp32 (or --dtype bf16: ours bf16 weights with an fp32 master copy, TRL bf16 autocast over fp32
 weights, each side's own mixed precision), sigmoid DPO at beta 0.1, a constant lr, no dropout,
 activation checkpointing as --checkpointing says (off on both sides by default; TRL's own default is on),
+batch lengths padded to a multiple of --pad-multiple on both sides (default: neither pads on CPU),
 each side's own precomputed reference log-probs, and N threads, each in its own process so neither sees the other's allocator.
 TRL runs under its own venv (it would move the versions this project's suite pins); its process imports
 only torch, transformers, trl and datasets (bench/trl_side.py). Each side is left at its defaults
@@ -112,6 +113,7 @@ def run_ours(work: Path) -> dict:
                     seed=settings["seed"], checkpoint_every=0, max_seq_len=settings["max_len"], backend="torch",
                     gradient_checkpointing=settings["checkpointing"] in ("ours", "both"),
                     ref_micro_batch=settings["batch"],  # TRL: precompute at train batch
+                    pad_to_multiple=settings.get("pad_multiple") or 0,  # 0: the trainer's own default
                     objective=DPOObjectiveConfig(beta=settings["beta"], loss_type="sigmoid"))
     data = [PreferencePair(p["id"], p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in pairs]
     data = compute_reference_logprobs(work / "m0", data, cfg)
@@ -176,7 +178,8 @@ def table(report: dict) -> str:
     return "\n".join([
         f"DPO: {s['params']:,} params (vocab {VOCAB}, dim {DIM}, {LAYERS} layers, {HEADS} heads, ffn {FFN}), "
         f"{s['pairs']} pairs of {s['min_pair_len']}-{s['max_pair_len']} tokens, {s['steps']} steps of {s['batch']}, "
-        f"{s['tokens']:,} tokens, {s['dtype']}, {s['threads']} threads, activation checkpointing: {s['checkpointing']}",
+        f"{s['tokens']:,} tokens, {s['dtype']}, {s['threads']} threads, activation checkpointing: {s['checkpointing']}, "
+        f"pad multiple: {s.get('pad_multiple') or 'default'}",
         *lines,
         f"reference log-probs, max |ours - TRL| = {report['reference_max_abs_diff']:.2e}",
         f"versions: ours torch {o['versions']['torch']}; TRL side torch {v['torch']}, transformers "
@@ -196,6 +199,9 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpointing", choices=("none", "ours", "both"), default="none",
                     help="activation checkpointing: off on both sides, on ours only, or on both (TRL's own default)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training precision, both sides")
+    ap.add_argument("--pad-multiple", type=int, default=0,
+                    help="pad every batch's length to a multiple of N, both sides (0: each side's default, no padding "
+                         "on CPU); fewer distinct shapes let the allocator reuse freed blocks")
     ap.add_argument("--trl-python", default=sys.executable, help="python of the venv where trl is installed")
     ap.add_argument("--out", type=Path, help="also write the report as JSON here")
     ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)  # internal: run one side's child
@@ -214,7 +220,7 @@ def main(argv=None) -> None:
         pairs = synthetic_pairs(args.pairs, args.seed)
         settings = {"batch": args.batch, "steps": steps, "lr": args.lr, "beta": args.beta, "threads": args.threads,
                     "seed": args.seed, "max_len": MAX_LEN, "vocab_size": VOCAB, "checkpointing": args.checkpointing,
-                    "dtype": args.dtype}
+                    "dtype": args.dtype, "pad_multiple": args.pad_multiple}
         write_json(work / "settings.json", settings)
         write_json(work / "pairs.json", pairs)
         ours = run_child("ours", [sys.executable, str(Path(__file__).resolve()), "--side", "ours", "--work", tmp],

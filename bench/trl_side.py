@@ -125,6 +125,7 @@ def run_trl(work: Path) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=settings["beta"], loss_type=["sigmoid"], max_length=settings["max_len"],
         precompute_ref_log_probs=True, padding_free=False, **checkpointing_arg,
+        pad_to_multiple_of=settings.get("pad_multiple") or "auto",
         bf16=settings.get("dtype") == "bf16", fp16=False, use_cpu=True, report_to="none", save_strategy="no",
         dataloader_num_workers=0, seed=settings["seed"], disable_tqdm=True)
     probe = TrainingProbe()
