@@ -81,14 +81,15 @@ def reference_ceiling(run_dir: Path, model: str = "M1") -> dict:
     grades = {r["id"]: float(r["grade"]) if "grade" in r else grade(prompts[r["prompt_id"]], r["text"]).score
               for r in responses}
     by_prompt: dict[str, Counter] = {}
+    first_text: dict[tuple[str, str], str] = {}  # (prompt, answer) -> its first response text, for the grader
     for r in responses:
-        by_prompt.setdefault(r["prompt_id"], Counter())[answer_key(r["text"])] += 1
+        key = answer_key(r["text"])
+        by_prompt.setdefault(r["prompt_id"], Counter())[key] += 1
+        first_text.setdefault((r["prompt_id"], key), r["text"])
     references = {
         "greedy": {pid: greedy[pid] for pid in by_prompt if pid in greedy},
-        # the most frequent answer (first seen among equals), as a text the grader can read
-        "majority": {pid: next(r["text"] for r in responses if r["prompt_id"] == pid
-                               and answer_key(r["text"]) == c.most_common(1)[0][0])
-                     for pid, c in by_prompt.items()},
+        # the most frequent answer (first seen among equals)
+        "majority": {pid: first_text[pid, c.most_common(1)[0][0]] for pid, c in by_prompt.items()},
     }
     out = {}
     for kind, ref in references.items():

@@ -17,7 +17,6 @@ import random
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common.atomic import atomic_write, atomic_write_text
 
@@ -35,10 +34,6 @@ from .zero3 import build_partitioned
 LATEST = "latest"
 # the number of ranks that wrote a checkpoint: its partitions and RNG streams belong to that world size
 WORLD_FILE = "world_size"
-
-
-def make_adamw(groups, cfg: TrainConfig) -> torch.optim.AdamW:
-    return adamw(groups, cfg.lr, cfg.adam_betas, cfg.adam_eps)
 
 
 def load_full_model(reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> Llama:
@@ -116,7 +111,7 @@ class TorchRunner:
             compile_layers(model, zero3=False)
         self.module = PolicyLoss(model, cfg.kernel_impl)
         self.params = params
-        self.optimizer = make_adamw(groups, cfg)
+        self.optimizer = adamw(groups, cfg.lr, cfg.adam_betas, cfg.adam_eps)
         self.scheduler = CosineSchedule(self.optimizer, total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         self.grad_clip, self.accum = cfg.grad_clip, cfg.grad_accum(1)
         self.micro = 0
@@ -215,7 +210,7 @@ class DeepSpeedRunner:
         module = PolicyLoss(model, cfg.kernel_impl)
         optimizer = scheduler = None
         if train:
-            optimizer = make_adamw(param_groups(module, cfg.weight_decay), cfg)
+            optimizer = adamw(param_groups(module, cfg.weight_decay), cfg.lr, cfg.adam_betas, cfg.adam_eps)
             scheduler = CosineSchedule(optimizer, total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
