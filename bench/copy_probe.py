@@ -9,6 +9,8 @@ seed builder draws them) the model reads the whole review teacher-forced, and it
 compared with the review's:
 - copied numbers: number pieces that already occur in the task or the response (the judge must copy them);
 - other numbers: computed ones (a sum, a count);
+- with `--families pick_labeled`: looked-up labels (the label after the number in "31 blue , want red", read off
+  the task's list) and asked labels (the one after "want", copied from the question);
 - verdicts: the "yes" / "no" after each check (and, within them, the "no" of the failed check alone: always
   answering "yes" scores ~75% of all verdicts but 0% of these), and the score after "Score:".
 Greedy judging fails where the copy fails, so the first number says most. Prints one line per model.
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 _NUMBER = re.compile(r"\d+")
 
 
-def reviews(n: int, seed: int) -> list[tuple[str, str, str]]:
+def reviews(n: int, seed: int, families: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
     """(task text, response, grader's review) for n fresh tasks."""
     from loop.world.grader import justification_for
     from loop.world.seed import candidates_by_score
@@ -36,14 +38,14 @@ def reviews(n: int, seed: int) -> list[tuple[str, str, str]]:
     rng = random.Random(f"copy-probe-{seed}")
     out = []
     for _ in range(n):
-        task = sample_task(rng)
+        task = sample_task(rng, families)
         by_score = candidates_by_score(task, rng, tries=6)
         response = rng.choice(by_score[rng.choice(sorted(by_score))])
         out.append((task.text, response, justification_for(task, response)[1]))
     return out
 
 
-def probe(model_dir: Path, chat: bool, n: int, seed: int) -> dict:
+def probe(model_dir: Path, chat: bool, n: int, seed: int, families: tuple[str, ...] | None = None) -> dict:
     import torch
 
     from loop.judge import fill_template
@@ -57,8 +59,12 @@ def probe(model_dir: Path, chat: bool, n: int, seed: int) -> dict:
     template = World.judge_template_path.read_text(encoding="utf-8").rstrip("\n")
     score_id, verdict_ids = tok.token_id("▁Score"), {tok.token_id("▁yes"), tok.token_id("▁no")}
     no_id = tok.token_id("▁no")
-    hits = {k: [0, 0] for k in ("copied numbers", "other numbers", "verdicts", "'no' verdicts", "score")}
-    for task, response, review in reviews(n, seed):
+    from loop.world.tasks import LABELS
+
+    label_ids = {tok.token_id("▁" + w) for w in LABELS}
+    hits = {k: [0, 0] for k in ("copied numbers", "other numbers", "looked-up labels", "asked labels", "verdicts",
+                                "'no' verdicts", "score")}
+    for task, response, review in reviews(n, seed, families):
         if chat:
             prefix = chat_ids(tok, fill_template(template, task, response))
         else:
@@ -72,6 +78,11 @@ def probe(model_dir: Path, chat: bool, n: int, seed: int) -> dict:
                 kind = "score"
             elif t in verdict_ids:
                 kind = "verdicts"
+            elif t in label_ids:
+                # pick_labeled's goal check "31 blue , want red": the label after the number is looked up in the
+                # task's list (the skill its judge needs); the one after "want" is copied from the question
+                kind = "looked-up labels" if i > 0 and _NUMBER.fullmatch(tok.decode([body[i - 1]]).strip()) else \
+                    "asked labels"
             elif _NUMBER.fullmatch(tok.decode([t]).strip()):
                 kind = "copied numbers" if t in seen else "other numbers"
             else:
@@ -91,9 +102,10 @@ def main(argv=None) -> None:
     ap.add_argument("--chat", action="store_true", help="the world judge prompt in the chat template (SFT models)")
     ap.add_argument("--n", type=int, default=300, help="fresh reviews")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--families", nargs="+", default=None, help="task families (default: the default world's)")
     args = ap.parse_args(argv)
     for m in args.models:
-        r = probe(m, args.chat, args.n, args.seed)
+        r = probe(m, args.chat, args.n, args.seed, tuple(args.families) if args.families else None)
         print(f"{m}: " + "; ".join(f"{k} {acc:.1f}% of {cnt}" for k, (acc, cnt) in r.items()))
 
 

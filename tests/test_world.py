@@ -21,6 +21,12 @@ CASES = [
     ("Give an odd number greater than 40 and less than 44.", "41", [("42", 3), ("39", 2), ("I do not know.", 0)]),
     ("Name a number from 14 37 22 9 that is bigger than 20.", "37", [("14", 3), ("38", 2), ("37 22", 1)]),
     ("Which number in 14 37 22 9 is smaller than 20?", "9", [("22", 3), ("19", 2), ("Sure , 9", 4)]),
+    ("From 12 red , 31 blue , 7 red , 25 green , name a blue number.", "31",
+     [("12", 3), ("25", 3), ("32", 2), ("31 12", 1), ("The answer is 31.", 4)]),
+    ("Pick a green number from 40 green , 18 red , 33 blue , 19 blue , 56 green.", "56",
+     [("18", 3), ("41", 2), ("Yes.", 0)]),
+    ("Name a number from 12 31 7 25 that is not in 7 40 12 33.", "25", [("12", 3), ("40", 2), ("33", 2), ("25 31", 1)]),
+    ("Which number in 49 55 19 56 is missing from 49 59 51 19?", "55", [("19", 3), ("59", 2), ("55.", 4)]),
 ]
 
 
@@ -35,8 +41,8 @@ def test_checkers_agree_with_constructed_answers(instruction, right, wrongs):
 
 def test_every_family_solution_scores_five_and_checks_are_nested():
     rng = random.Random(1)
-    for _ in range(200):
-        task = sample_task(rng)
+    for _ in range(300):
+        task = sample_task(rng, tuple(FAMILIES))
         sols = FAMILIES[task.family].solutions(task.params)
         assert sols, task.text
         assert parse_task(task.text) == task
@@ -78,8 +84,8 @@ def test_grader_can_be_made_unavailable():
 def test_is_valid_prompt_accepts_phrasings_and_rejects_junk():
     rng = random.Random(3)
     for _ in range(300):
-        assert World.is_valid_prompt(sample_task(rng).text)
-    assert World.is_valid_prompt("  give THREE digits   that sum to 14. ")
+        assert World().is_valid_prompt(sample_task(rng).text)
+    assert World().is_valid_prompt("  give THREE digits   that sum to 14. ")
     for junk in ("", "Give three digits that sum to", "Give four digits that sum to 14.", "hello world",
                  "Give three digits that sum to 40.",  # no three digits sum to 40
                  "Pick two numbers from 3 8 5 1 that sum to 17.",  # no such pair
@@ -87,7 +93,83 @@ def test_is_valid_prompt_accepts_phrasings_and_rejects_junk():
                  "Name a number from 14 37 22 9 that is bigger than 90.",
                  "Give three digits that sum to 14. Give three digits that sum to 14.",
                  "Give three digits that sum to 14.\nAnswer: 5 9 0", "x" * 500):
-        assert not World.is_valid_prompt(junk), junk
+        assert not World().is_valid_prompt(junk), junk
+
+
+def test_lookup_checks_read_the_label_and_the_second_list():
+    """The lookup families' goal check spells what the judge must read off the instruction."""
+    g = grade("From 12 red , 31 blue , 7 red , 25 green , name a red number.", "31")
+    assert "31 in list: yes. 31 blue , want red: no. Score: 3" in g.justification
+    g = grade("Name a number from 12 31 7 25 that is not in 7 40 12 33.", "31")
+    assert "31 in first list: yes. 31 not in second list: yes." in g.justification
+
+
+def test_world_families_choose_the_tasks_and_the_prompt_filter():
+    world = World(WorldConfig(n_ift=40, n_eft_train=5, n_eft_eval=5, n_eval_prompts=10,
+                              families=["pick_labeled", "pick_missing"]))  # a YAML list works
+    assert world.cfg.families == ("pick_labeled", "pick_missing")
+    families = {parse_task(r["prompt"]).family for split in world.seed_records().values() for r in split}
+    assert families == {"pick_labeled", "pick_missing"}
+    assert world.is_valid_prompt("Which number in 49 55 19 56 is missing from 49 59 51 19?")
+    assert not world.is_valid_prompt("Give three digits that sum to 14.")  # a family this world does not have
+    assert {parse_task(p["prompt"]).family for p in world.validation_prompts(20)} <= set(world.cfg.families)
+    from loop.world.corpus import corpus_documents
+
+    docs = corpus_documents(0, 200, set(), families=world.cfg.families)
+    assert not any("digits" in d for d in docs) and any(" is missing from " in d or " not in " in d for d in docs)
+    for bad in ("pick_labeled", [], ["nope"], ["pick_pair", "pick_pair"]):
+        with pytest.raises(ConfigError, match="families"):
+            WorldConfig(families=bad)
+
+
+def test_lookup_drills_state_the_graders_checks(tmp_path):
+    """CorpusMix.lookups: each drill line is how the grader's goal check of that item starts (pick_labeled)
+    or the check itself with its verdict (pick_missing)."""
+    from loop.world.corpus import CorpusMix, corpus_documents
+    from loop.world.grader import justification_for
+    from loop.world.tasks import LABELS, Task
+
+    fams = ("pick_labeled", "pick_missing")
+    docs = corpus_documents(1, 300, set(), CorpusMix(lookups=0.5), families=fams)
+    drills = [d for d in docs if d.startswith(("List: ", "First list: "))]
+    assert 0.25 < len(drills) / len(docs) < 0.45  # weight 0.5 beside the base kinds' 1.0
+    labels = []
+    for doc in drills:
+        lines = doc.split("\n")
+        if lines[0].startswith("List: "):
+            pairs = tuple((int(x), c) for x, c in (p.split() for p in lines[0].removeprefix("List: ").split(" , ")))
+            lookups = lines[1].removeprefix("Lookups: ").removesuffix(".").split(". ")
+            assert sorted(int(item.split()[0]) for item in lookups) == sorted(x for x, _ in pairs)
+            for item in lookups:
+                x, label = item.split()
+                for want in LABELS:  # the review's goal check starts with the drill's lookup
+                    check = justification_for(Task("pick_labeled", (pairs, want), ""), x)[1]
+                    assert f" {x} {label} , want {want}: {'yes' if want == label else 'no'}." in check
+                labels.append(label)
+        else:
+            a = tuple(int(x) for x in lines[0].removeprefix("First list: ").split())
+            b = tuple(int(x) for x in lines[1].removeprefix("Second list: ").split())
+            checks = lines[2].removeprefix("Checks: ").removesuffix(".").split(". ")
+            assert sorted(int(c.split()[0]) for c in checks) == sorted(a)
+            for c in checks:
+                x = int(c.split()[0])
+                assert c.endswith(": yes") == (x not in b)
+                task = Task("pick_missing", (a, b), "")
+                assert f" {c}." in justification_for(task, str(x))[1]
+    assert set(labels) == set(LABELS)
+    # a lookup is an induction step only if the number is the same piece in the list and in the lookup
+    # (a number that starts a line is "31", not " 31": the first drills had that, and M0 stayed at chance)
+    import sentencepiece as spm
+
+    from loop.world.tokenizer_train import train_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(train_tokenizer(docs, tmp_path / "tok.model", 512)))
+    for doc in drills[:20]:
+        head, tail = doc.split("\n", 1) if doc.startswith("List: ") else doc.rsplit("\n", 1)
+        numbers = lambda text: {p for p in sp.encode_as_pieces(text) if p.strip("▁").isdigit()}
+        assert numbers(tail) <= numbers(head), doc
+    # the default world has no family with drills: the share changes nothing but the mix's draws
+    assert not any(d.startswith(("List: ", "First list: ")) for d in corpus_documents(1, 100, set(), CorpusMix(lookups=0.5)))
 
 
 def _small_world(**kw) -> World:

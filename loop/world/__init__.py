@@ -45,7 +45,7 @@ class World:
         if self._records is None:
             c = self.cfg
             self._records = build_seed_records(c.seed, c.n_ift, c.n_eft_train, c.n_eft_eval, c.n_eval_prompts,
-                                               c.eft_group_size)
+                                               c.eft_group_size, c.families)
         return self._records
 
     def build_seed(self, out_dir: str | Path) -> dict[str, Path]:
@@ -65,7 +65,7 @@ class World:
         for _ in range(50 * n + 1000):
             if len(out) == n:
                 return out
-            task = sample_task(rng)
+            task = sample_task(rng, self.cfg.families)
             if task.text not in seen:
                 seen.add(task.text)
                 out.append({"id": f"valid-{len(out):05d}", "prompt": task.text})
@@ -77,9 +77,8 @@ class World:
         template = self.judge_template_path.read_text(encoding="utf-8")
         return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log, metrics=metrics)
 
-    @staticmethod
-    def is_valid_prompt(text: str) -> bool:
-        return parse_task(text) is not None
+    def is_valid_prompt(self, text: str) -> bool:
+        return parse_task(text, self.cfg.families) is not None
 
     @staticmethod
     def grade(instruction: str, response: str) -> Grade:

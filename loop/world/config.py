@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from model.config import PRESETS, ConfigError
 
+from .tasks import DEFAULT_FAMILIES, FAMILIES
+
 # d128, 4 layers: small enough to pretrain in ~1-2 minutes on 2 cores and learn this world.
 DEFAULT_MODEL_OVERRIDES = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 384,
                            "max_seq_len": 512}
@@ -20,6 +22,9 @@ class WorldConfig:
     n_eft_eval: int = 60
     n_eval_prompts: int = 200
     eft_group_size: int = 4
+    # task families of this world (loop/world/tasks.py FAMILIES); seed data, corpus and the prompt filter use
+    # only these
+    families: tuple = DEFAULT_FAMILIES
     # model and tokenizer
     model_preset: str = "tiny"
     model_overrides: dict = field(default_factory=lambda: dict(DEFAULT_MODEL_OVERRIDES))
@@ -31,6 +36,8 @@ class WorldConfig:
     corpus_copy_share: float = 0.0
     # share that is single review checks, true or false half the time each (CorpusMix.checks: the verdict step)
     corpus_check_share: float = 0.0
+    # share that is lookup drills of the families that have them (CorpusMix.lookups; pick_labeled, pick_missing)
+    corpus_lookup_share: float = 0.0
     pretrain_steps: int = 800
     pretrain_batch: int = 16
     pretrain_seq_len: int = 256
@@ -46,6 +53,13 @@ class WorldConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"world config: {key}={value!r} must be a positive integer")
+        if isinstance(self.families, str) or not isinstance(self.families, (list, tuple)) or not self.families:
+            raise ConfigError(f"world config: families={self.families!r} must be a non-empty list of family names")
+        object.__setattr__(self, "families", tuple(self.families))  # YAML gives a list; the hash sees a list
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or len(set(self.families)) != len(self.families):
+            raise ConfigError(f"world config: families={list(self.families)} has unknown or repeated names "
+                              f"(known: {', '.join(FAMILIES)})")
         if self.eft_group_size < 2:
             raise ConfigError(f"world config: eft_group_size={self.eft_group_size} must be >= 2 (a ranking)")
         if self.model_preset not in PRESETS:
@@ -55,11 +69,11 @@ class WorldConfig:
             raise ConfigError(f"world config: tokenizer_vocab_size={self.tokenizer_vocab_size} must be in [256, 32000]")
         if self.chat_template not in ("llama2", "llama3", "chatml"):
             raise ConfigError(f"world config: chat_template={self.chat_template!r} must be llama2|llama3|chatml")
-        for key in ("corpus_copy_share", "corpus_check_share"):
+        for key in ("corpus_copy_share", "corpus_check_share", "corpus_lookup_share"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"world config: {key}={getattr(self, key)} must be in [0, 1)")
-        if self.corpus_copy_share + self.corpus_check_share >= 1.0:
-            raise ConfigError("world config: corpus_copy_share + corpus_check_share must be < 1 "
+        if self.corpus_copy_share + self.corpus_check_share + self.corpus_lookup_share >= 1.0:
+            raise ConfigError("world config: corpus_copy_share + corpus_check_share + corpus_lookup_share must be < 1 "
                               "(the task documents need a share)")
         for key in ("pretrain_lr", "pretrain_min_lr", "init_std"):
             if getattr(self, key) <= 0:

@@ -124,9 +124,10 @@ def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str],
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # the four base kinds' weights sum to 1, so a share s of the corpus weighs s / (1 - shares) of them
-    rest = 1.0 - cfg.corpus_copy_share - cfg.corpus_check_share
-    mix = CorpusMix(copy=cfg.corpus_copy_share / rest, checks=cfg.corpus_check_share / rest)
-    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts, mix)
+    rest = 1.0 - cfg.corpus_copy_share - cfg.corpus_check_share - cfg.corpus_lookup_share
+    mix = CorpusMix(copy=cfg.corpus_copy_share / rest, checks=cfg.corpus_check_share / rest,
+                    lookups=cfg.corpus_lookup_share / rest)
+    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts, mix, cfg.families)
     tok_path = train_tokenizer(tokenizer_texts(docs, judge_template), root / "tokenizer.model",
                                cfg.tokenizer_vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))

@@ -46,6 +46,11 @@ def _pool(task: Task) -> list[int]:
         return sorted(set(p[0]) | {x + d for x in p[0] for d in (-1, 1)} - {0})
     if task.family == "parity_between":
         return list(range(max(0, p[1] - 2), p[2] + 3))
+    if task.family == "pick_labeled":
+        nums = [x for x, _ in p[0]]
+        return sorted(set(nums) | {n + d for n in nums for d in (-1, 1)})
+    if task.family == "pick_missing":
+        return sorted(set(p[0]) | set(p[1]) | {n + d for n in p[0] for d in (-1, 1)})
     nums, _, x = p
     return sorted(set(nums) | {x - 1, x, x + 1} | {n + d for n in nums for d in (-1, 1)})
 
@@ -128,14 +133,14 @@ def dense_ranks(scores: list[float]) -> list[int]:
     return [order.index(s) for s in scores]
 
 
-def _unique_tasks(rng: random.Random, n: int, seen: set[str]) -> list[Task]:
+def _unique_tasks(rng: random.Random, n: int, seen: set[str], families: tuple[str, ...] | None) -> list[Task]:
     out = []
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise ValueError(f"loop/world/seed.py: cannot draw {n} distinct instructions (world too small)")
-        task = sample_task(rng)
+        task = sample_task(rng, families)
         if task.text not in seen:
             seen.add(task.text)
             out.append(task)
@@ -143,16 +148,16 @@ def _unique_tasks(rng: random.Random, n: int, seen: set[str]) -> list[Task]:
 
 
 def build_seed_records(seed: int, n_ift: int, n_eft_train: int, n_eft_eval: int, n_eval: int,
-                       group_size: int) -> dict[str, list[dict]]:
+                       group_size: int, families: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
     """All seed records; splits never share an instruction text."""
     rng = random.Random(f"world-seed-{seed}")
     seen: set[str] = set()
     ift = [{"id": f"ift-{i:05d}", "prompt": t.text, "response": correct_response(t, rng)}
-           for i, t in enumerate(_unique_tasks(rng, n_ift, seen))]
+           for i, t in enumerate(_unique_tasks(rng, n_ift, seen, families))]
     out = {"ift": ift}
     for split, n in (("eft_train", n_eft_train), ("eft_eval", n_eft_eval)):
         records = []
-        for g, task in enumerate(_unique_tasks(rng, n, seen)):
+        for g, task in enumerate(_unique_tasks(rng, n, seen, families)):
             group = eft_group(task, rng, group_size)
             ranks = dense_ranks([s for _, s in group])
             for j, ((response, score), rank) in enumerate(zip(group, ranks)):
@@ -163,7 +168,7 @@ def build_seed_records(seed: int, n_ift: int, n_eft_train: int, n_eft_eval: int,
                 })
         out[split] = records
     out["eval_prompts"] = [{"id": f"eval-{i:05d}", "prompt": t.text}
-                           for i, t in enumerate(_unique_tasks(rng, n_eval, seen))]
+                           for i, t in enumerate(_unique_tasks(rng, n_eval, seen, families))]
     return out
 
 

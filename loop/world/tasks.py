@@ -69,6 +69,10 @@ class Family:
     def solutions(self, params: tuple) -> list[tuple[int, ...]]:
         raise NotImplementedError
 
+    def drill(self, rng: random.Random) -> str | None:
+        """A pretraining document of this family's lookups in the review's own phrases, or None."""
+        return None
+
     def sample(self, rng: random.Random) -> Task:
         params = self.sample_params(rng)
         template = rng.choice(self.templates)
@@ -262,22 +266,139 @@ class PickCompared(Family):
         return [(y,) for y in nums if (y > x if d == "bigger" else y < x)]
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SumDigits(), PickPair(), ParityBetween(), PickCompared())}
+LABELS = ("red", "blue", "green")
+_LABEL = r"(?:red|blue|green)"
+_LABELED_LIST = rf"(?P<L>\d{{1,2}} {_LABEL}(?: , \d{{1,2}} {_LABEL}){{3,4}})"
 
 
-def parse_task(text: str) -> Task | None:
-    """The world task an instruction states, or None when it is no solvable instruction of this world."""
+class PickLabeled(Family):
+    """"From 12 red , 31 blue , 7 red , 25 green , name a red number." -> "12".
+
+    Answering searches the list for the label and takes the number before it; checking looks the
+    answer up and reads the label after it ("31 blue , want red"). The lookup is a copy from
+    context and the verdict compares two of three label words, a different and easier computation
+    than the search, so a judge can catch the errors its own generator makes."""
+
+    name = "pick_labeled"
+    templates = (
+        "From {L} , name a {c} number.",
+        "Which number in {L} is {c}?",
+        "Pick a {c} number from {L}.",
+    )
+    # named groups: the templates put the label before or after the list
+    patterns = _compile(templates, {"L": _LABELED_LIST, "c": r"(?P<c>red|blue|green)"})
+
+    def sample_params(self, rng):
+        n = rng.choice((4, 5))
+        nums = rng.sample(range(10, 60), n)
+        target = rng.choice(LABELS)
+        others = [c for c in LABELS if c != target]
+        n_target = rng.choice((1, 2))
+        labels = [target] * n_target + [rng.choice(others) for _ in range(n - n_target)]
+        rng.shuffle(labels)
+        return (tuple(zip(nums, labels)), target)
+
+    def render_slots(self, params):
+        return {"L": " , ".join(f"{x} {c}" for x, c in params[0]), "c": params[1]}
+
+    def params_from_match(self, m):
+        words = m.group("L").replace(",", " ").split()
+        pairs = tuple((int(words[i]), words[i + 1].lower()) for i in range(0, len(words), 2))
+        return (pairs, m.group("c").lower()) if len({x for x, _ in pairs}) == len(pairs) else None
+
+    def count(self, params):
+        return 1
+
+    def items_ok(self, params, items):
+        nums = {x for x, _ in params[0]}
+        return all(x in nums for x in items), f"{_fmt(items)} in list"
+
+    def goal_ok(self, params, items):
+        # the label right after the number, as the list writes it: reading it is one induction step
+        # (find the earlier "31", copy what followed), the shortest lookup a small transformer learns
+        label = dict(params[0])[items[0]]
+        return label == params[1], f"{items[0]} {label} , want {params[1]}"
+
+    def solutions(self, params):
+        return [(x,) for x, c in params[0] if c == params[1]]
+
+    def drill(self, rng):
+        # every item of a list looked up, in random order, with no asked label in context to copy instead
+        # (reviews let "the answer's label is the asked label" pass most of the time)
+        # (one line, ". " apart as in a review: a number starting a line is another piece than " 31")
+        pairs, _ = self.sample_params(rng)
+        lookups = ". ".join(f"{x} {c}" for x, c in rng.sample(pairs, len(pairs)))
+        return f"List: {self.render_slots((pairs, ''))['L']}\nLookups: {lookups}."
+
+
+class PickMissing(Family):
+    """"Name a number from 12 31 7 25 that is not in 7 40 12 33." -> "31".
+
+    Answering needs a set difference over two lists; checking one answer is one membership test
+    ("31 not in second list"), a lookup the judge can do where the generator has to search."""
+
+    name = "pick_missing"
+    templates = (
+        "Name a number from {A} that is not in {B}.",
+        "Which number in {A} is missing from {B}?",
+        "Pick a number from {A} that {B} does not have.",
+    )
+    patterns = _compile(templates, {"A": _LIST, "B": _LIST})
+
+    def sample_params(self, rng):
+        a = rng.sample(range(10, 60), 4)
+        shared = rng.sample(a, rng.choice((2, 3)))
+        rest = [x for x in range(10, 60) if x not in a]
+        b = shared + rng.sample(rest, 4 - len(shared))
+        rng.shuffle(b)
+        return (tuple(a), tuple(b))
+
+    def render_slots(self, params):
+        return {"A": _fmt(params[0]), "B": _fmt(params[1])}
+
+    def params_from_match(self, m):
+        a = tuple(int(x) for x in m.group(1).split())
+        b = tuple(int(x) for x in m.group(2).split())
+        return (a, b) if len(set(a)) == len(a) else None
+
+    def count(self, params):
+        return 1
+
+    def items_ok(self, params, items):
+        return all(x in params[0] for x in items), f"{_fmt(items)} in first list"
+
+    def goal_ok(self, params, items):
+        return items[0] not in params[1], f"{items[0]} not in second list"
+
+    def solutions(self, params):
+        return [(x,) for x in params[0] if x not in params[1]]
+
+    def drill(self, rng):
+        a, b = self.sample_params(rng)
+        checks = ". ".join(f"{x} not in second list: {'yes' if x not in b else 'no'}" for x in rng.sample(a, len(a)))
+        return f"First list: {_fmt(a)}\nSecond list: {_fmt(b)}\nChecks: {checks}."
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SumDigits(), PickPair(), ParityBetween(), PickCompared(),
+                                                   PickLabeled(), PickMissing())}
+# The families of the default world (WorldConfig.families); the others are options.
+DEFAULT_FAMILIES = ("sum_digits", "pick_pair", "parity_between", "pick_compared")
+
+
+def parse_task(text: str, families: tuple[str, ...] | None = None) -> Task | None:
+    """The world task an instruction states, or None when it is no solvable instruction of this world
+    (of `families`, default all)."""
     if not isinstance(text, str) or len(text) > 200:
         return None
-    for family in FAMILIES.values():
-        task = family.parse(text.strip())
+    for name in families or FAMILIES:
+        task = FAMILIES[name].parse(text.strip())
         if task is not None:
             return task
     return None
 
 
 def sample_task(rng: random.Random, families: tuple[str, ...] | None = None) -> Task:
-    name = rng.choice(families or tuple(FAMILIES))
+    name = rng.choice(families or DEFAULT_FAMILIES)
     return FAMILIES[name].sample(rng)
 
 
