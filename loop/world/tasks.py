@@ -277,7 +277,8 @@ class PickLabeled(Family):
     Answering searches the list for the label and takes the number before it; checking looks the
     answer up and reads the label after it ("31 blue , want red"). The lookup is a copy from
     context and the verdict compares two of three label words, a different and easier computation
-    than the search, so a judge can catch the errors its own generator makes."""
+    than the search, so a judge could catch the errors its own generator makes. At 0.89M parameters
+    and 3,000 pretraining steps it does not learn the lookup (bench/RESULTS.md, 2026-12-04)."""
 
     name = "pick_labeled"
     templates = (
@@ -335,7 +336,7 @@ class PickMissing(Family):
     """"Name a number from 12 31 7 25 that is not in 7 40 12 33." -> "31".
 
     Answering needs a set difference over two lists; checking one answer is one membership test
-    ("31 not in second list"), a lookup the judge can do where the generator has to search."""
+    ("31 not in second list"), a lookup where the generator has to search."""
 
     name = "pick_missing"
     templates = (
