@@ -37,24 +37,6 @@ _IRRELEVANT = (
 _LEVEL_WEIGHTS = {5: 3.0, 4: 1.5, 3: 3.0, 2: 2.0, 1: 1.0, 0: 0.7}
 
 
-def _pool(task: Task) -> list[int]:
-    """Numbers a near-miss answer draws from: the valid ones plus their off-by-one neighbours."""
-    p = task.params
-    if task.family == "sum_digits":
-        return list(range(0, 13))
-    if task.family == "pick_pair":
-        return sorted(set(p[0]) | {x + d for x in p[0] for d in (-1, 1)} - {0})
-    if task.family == "parity_between":
-        return list(range(max(0, p[1] - 2), p[2] + 3))
-    if task.family == "pick_labeled":
-        nums = [x for x, _ in p[0]]
-        return sorted(set(nums) | {n + d for n in nums for d in (-1, 1)})
-    if task.family == "pick_missing":
-        return sorted(set(p[0]) | set(p[1]) | {n + d for n in p[0] for d in (-1, 1)})
-    nums, _, x = p
-    return sorted(set(nums) | {x - 1, x, x + 1} | {n + d for n in nums for d in (-1, 1)})
-
-
 def _perturb(items: list[int], pool: list[int], rng: random.Random) -> list[int]:
     out = list(items)
     move = rng.random()
@@ -83,7 +65,7 @@ def candidates_by_score(task: Task, rng: random.Random, tries: int = 40) -> dict
     """Distinct candidate responses to `task`, grouped by their ground-truth score."""
     family = FAMILIES[task.family]
     solutions = family.solutions(task.params)
-    pool = _pool(task)
+    pool = family.near_miss_pool(task.params)
     seen: set[str] = set()
     by_score: dict[int, list[str]] = {}
 

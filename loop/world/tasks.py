@@ -69,6 +69,10 @@ class Family:
     def solutions(self, params: tuple) -> list[tuple[int, ...]]:
         raise NotImplementedError
 
+    def near_miss_pool(self, params: tuple) -> list[int]:
+        """Numbers a near-miss answer draws from (seed.py): the valid ones plus their off-by-one neighbours."""
+        raise NotImplementedError
+
     def drill(self, rng: random.Random) -> str | None:
         """A pretraining document of this family's lookups in the review's own phrases, or None."""
         return None
@@ -142,6 +146,9 @@ class SumDigits(Family):
             return [(a, t - a) for a in range(10) if 0 <= t - a <= 9]
         return [(a, b, t - a - b) for a in range(10) for b in range(10) if 0 <= t - a - b <= 9]
 
+    def near_miss_pool(self, params):
+        return list(range(0, 13))
+
 
 class PickPair(Family):
     """"Pick two numbers from 3 8 5 1 that sum to 9." -> "8 1"."""
@@ -181,6 +188,9 @@ class PickPair(Family):
         nums, t = params
         return [(a, b) for a in nums for b in nums if a != b and a + b == t]
 
+    def near_miss_pool(self, params):
+        return sorted(set(params[0]) | {x + d for x in params[0] for d in (-1, 1)} - {0})
+
 
 class ParityBetween(Family):
     """"Name an even number between 12 and 30." -> "18"."""
@@ -219,6 +229,9 @@ class ParityBetween(Family):
         p, a, b = params
         want = 0 if p == "even" else 1
         return [(x,) for x in range(a + 1, b) if x % 2 == want]
+
+    def near_miss_pool(self, params):
+        return list(range(max(0, params[1] - 2), params[2] + 3))
 
 
 class PickCompared(Family):
@@ -265,9 +278,14 @@ class PickCompared(Family):
         nums, d, x = params
         return [(y,) for y in nums if (y > x if d == "bigger" else y < x)]
 
+    def near_miss_pool(self, params):
+        nums, _, x = params
+        return sorted(set(nums) | {x - 1, x, x + 1} | {n + d for n in nums for d in (-1, 1)})
+
 
 LABELS = ("red", "blue", "green")
-_LABEL = r"(?:red|blue|green)"
+_LABEL_WORDS = "|".join(LABELS)
+_LABEL = f"(?:{_LABEL_WORDS})"
 _LABELED_LIST = rf"(?P<L>\d{{1,2}} {_LABEL}(?: , \d{{1,2}} {_LABEL}){{3,4}})"
 
 
@@ -287,7 +305,7 @@ class PickLabeled(Family):
         "Pick a {c} number from {L}.",
     )
     # named groups: the templates put the label before or after the list
-    patterns = _compile(templates, {"L": _LABELED_LIST, "c": r"(?P<c>red|blue|green)"})
+    patterns = _compile(templates, {"L": _LABELED_LIST, "c": f"(?P<c>{_LABEL_WORDS})"})
 
     def sample_params(self, rng):
         n = rng.choice((4, 5))
@@ -323,10 +341,14 @@ class PickLabeled(Family):
     def solutions(self, params):
         return [(x,) for x, c in params[0] if c == params[1]]
 
+    def near_miss_pool(self, params):
+        nums = [x for x, _ in params[0]]
+        return sorted(set(nums) | {n + d for n in nums for d in (-1, 1)})
+
     def drill(self, rng):
         # every item of a list looked up, in random order, with no asked label in context to copy instead
-        # (reviews let "the answer's label is the asked label" pass most of the time)
-        # (one line, ". " apart as in a review: a number starting a line is another piece than " 31")
+        # (reviews let "the answer's label is the asked label" pass most of the time); on one line, ". " apart
+        # as a review writes checks: a number that starts a line is another piece ("31") than the list's (" 31")
         pairs, _ = self.sample_params(rng)
         lookups = ". ".join(f"{x} {c}" for x, c in rng.sample(pairs, len(pairs)))
         return f"List: {self.render_slots((pairs, ''))['L']}\nLookups: {lookups}."
@@ -373,6 +395,9 @@ class PickMissing(Family):
 
     def solutions(self, params):
         return [(x,) for x in params[0] if x not in params[1]]
+
+    def near_miss_pool(self, params):
+        return sorted(set(params[0]) | set(params[1]) | {n + d for n in params[0] for d in (-1, 1)})
 
     def drill(self, rng):
         a, b = self.sample_params(rng)
