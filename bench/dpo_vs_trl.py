@@ -11,6 +11,8 @@ weights, each side's own mixed precision), sigmoid DPO at beta 0.1, a constant l
 activation checkpointing as --checkpointing says (off on both sides by default; TRL's own default is on),
 batch lengths padded to a multiple of --pad-multiple on both sides (default: neither pads on CPU),
 each side's own precomputed reference log-probs, and N threads, each in its own process so neither sees the other's allocator.
+oneDNN's per-shape primitive caches: ours bounded by `import engine` (engine/cpu_caches.py), TRL at the
+library's 1,024 entries, or at our bound with --same-caches (the line "oneDNN caches" says which ran).
 TRL runs under its own venv (it would move the versions this project's suite pins); its process imports
 only torch, transformers, trl and datasets (bench/trl_side.py). Each side is left at its defaults
 otherwise, as a user would run it: ours groups pairs of similar length, TRL samples at random.
@@ -36,7 +38,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.trl_side import BOS, EOS, TrainingProbe, real_tokens, write_json  # noqa: E402
+# The cache capacities the user exported, read before `import engine` below exports its own bound into this
+# process's environment, which the children inherit: TRL gets the user's values, or the library default.
+EXPORTED = {k: os.environ[k] for k in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY") if k in os.environ}
+
+from bench.trl_side import BOS, EOS, TrainingProbe, cache_capacities, real_tokens, write_json  # noqa: E402
+from engine.cpu_caches import CAPACITY, KEYS  # noqa: E402  (no torch import through it)
+
+assert set(EXPORTED) <= set(KEYS)
 
 VOCAB, DIM, LAYERS, HEADS, FFN, MAX_LEN = 1000, 256, 4, 4, 688, 256
 MIN_PAIR, MAX_PAIR = 119, 250  # prompt + longer response, tokens
@@ -121,16 +130,24 @@ def run_ours(work: Path) -> dict:
     return {"side": "ours", **probe.result(real_tokens(pairs, cfg.epochs)),
             "final_loss": sum(result.losses) / len(result.losses),
             "reference": {p.id: [p.ref_chosen, p.ref_rejected] for p in data},
-            "versions": {"torch": torch.__version__}, "threads": torch.get_num_threads()}
+            "versions": {"torch": torch.__version__}, "threads": torch.get_num_threads(),
+            "caches": cache_capacities(settings)}
 
 
 # --- the parent -----------------------------------------------------------------------------------
-def run_child(name: str, command: list[str], work: Path, threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+def child_env(name: str, work: Path, threads: int, caches: dict | None = None) -> dict:
+    """A side's environment; caches: its oneDNN cache capacities (None: inherit this process's)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and (caches is None or k not in KEYS)}
+    env.update(caches or {})
     hf = work / f"hf_{name}"  # caches (datasets, hub) stay inside the temp folder; nothing is downloaded
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HOME=str(hf),
                HF_DATASETS_CACHE=str(hf / "datasets"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TQDM_DISABLE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_child(name: str, command: list[str], work: Path, threads: int, caches: dict | None = None) -> dict:
+    env = child_env(name, work, threads, caches)
     log = work / f"{name}.log"
     with log.open("w") as f:
         rc = subprocess.run(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -184,7 +201,13 @@ def table(report: dict) -> str:
         f"reference log-probs, max |ours - TRL| = {report['reference_max_abs_diff']:.2e}",
         f"versions: ours torch {o['versions']['torch']}; TRL side torch {v['torch']}, transformers "
         f"{v['transformers']}, trl {v['trl']}, datasets {v['datasets']} (attention: {t['attn_implementation']})",
-        f"optimizer: ours AdamW (foreach), TRL {t['optimizer']}"])
+        f"optimizer: ours AdamW (foreach), TRL {t['optimizer']}",
+        f"oneDNN caches (entries): ours {caches(o)}, TRL {caches(t)}"])
+
+
+def caches(side: dict) -> str:
+    values = sorted(set(side["caches"].values()))
+    return "1024 (library default)" if values == ["default"] else "/".join(values)
 
 
 def main(argv=None) -> None:
@@ -202,6 +225,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pad-multiple", type=int, default=0,
                     help="pad every batch's length to a multiple of N, both sides (0: each side's default, no padding "
                          "on CPU); fewer distinct shapes let the allocator reuse freed blocks")
+    ap.add_argument("--same-caches", action="store_true",
+                    help=f"run TRL with the oneDNN cache bound ours sets itself ({CAPACITY} entries) instead of "
+                         "the library default")
     ap.add_argument("--trl-python", default=sys.executable, help="python of the venv where trl is installed")
     ap.add_argument("--out", type=Path, help="also write the report as JSON here")
     ap.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)  # internal: run one side's child
@@ -220,13 +246,13 @@ def main(argv=None) -> None:
         pairs = synthetic_pairs(args.pairs, args.seed)
         settings = {"batch": args.batch, "steps": steps, "lr": args.lr, "beta": args.beta, "threads": args.threads,
                     "seed": args.seed, "max_len": MAX_LEN, "vocab_size": VOCAB, "checkpointing": args.checkpointing,
-                    "dtype": args.dtype, "pad_multiple": args.pad_multiple}
+                    "dtype": args.dtype, "pad_multiple": args.pad_multiple, "cache_keys": list(KEYS)}
         write_json(work / "settings.json", settings)
         write_json(work / "pairs.json", pairs)
         ours = run_child("ours", [sys.executable, str(Path(__file__).resolve()), "--side", "ours", "--work", tmp],
                          work, args.threads)
         trl = run_child("trl", [args.trl_python, str(ROOT / "bench" / "trl_side.py"), "--work", tmp],
-                        work, args.threads)
+                        work, args.threads, {k: str(CAPACITY) for k in KEYS} if args.same_caches else EXPORTED)
     lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
     report = {"setup": {**settings, "params": params, "pairs": len(pairs), "min_pair_len": min(lengths),
                         "max_pair_len": max(lengths), "tokens": ours["tokens"]},

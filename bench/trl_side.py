@@ -61,6 +61,11 @@ def real_tokens(pairs: list[dict], epochs: int) -> int:
     return epochs * sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
 
 
+def cache_capacities(settings: dict) -> dict:
+    """The oneDNN primitive-cache capacities this process runs with (unset: the library's 1,024)."""
+    return {k: os.environ.get(k, "default") for k in settings["cache_keys"]}
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -164,7 +169,7 @@ def run_trl(work: Path) -> dict:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "trl": trl.__version__, "datasets": datasets.__version__},
             "threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation,
-            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+            "caches": cache_capacities(settings), "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                               else trainer.optimizer).__name__ + f" ({args.optim})"}
 
 

@@ -46,3 +46,14 @@ def test_probe_sees_growth_after_start_only():
     assert 30 <= r["growth_mb"] < 60, r
     assert r["tokens"] == 100 and r["tokens_per_s"] > 0
     del during
+
+
+def test_trl_side_gets_the_library_caches_unless_asked(tmp_path, monkeypatch):
+    from bench.dpo_vs_trl import CAPACITY, EXPORTED, KEYS, child_env
+
+    for k in KEYS:  # as in the parent once `import engine` has exported its bound
+        monkeypatch.setenv(k, str(CAPACITY))
+    assert all(child_env("ours", tmp_path, 2)[k] == str(CAPACITY) for k in KEYS)
+    trl = child_env("trl", tmp_path, 2, EXPORTED)
+    assert {k: trl.get(k) for k in KEYS} == {k: EXPORTED.get(k) for k in KEYS}
+    assert all(child_env("trl", tmp_path, 2, {k: str(CAPACITY) for k in KEYS})[k] == str(CAPACITY) for k in KEYS)
