@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Self-Rewarding Language Models: a performance-engineered training engine",
     packages=["common", "model", "kernels", "engine", "engine.sampler", "loop", "loop.world", "loop.data", "bench"],
-    package_data={"loop": ["templates/*.txt"], "loop.world": ["*.txt"]},
+    package_data={"loop": ["templates/*.txt"], "loop.world": ["*.txt", "m0s/*/*"]},
     python_requires=">=3.10",
     # torch is deliberately not pinned here: GPU users bring their own build.
     install_requires=[

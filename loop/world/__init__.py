@@ -7,7 +7,8 @@ Contract with the loop (docs/CONTRACTS.md):
     (files ift.jsonl, eft_train.jsonl, eft_eval.jsonl, eval_prompts.jsonl; atomic; deterministic for
     cfg.seed; the four splits never share an instruction).
   - `build_m0(cache_dir) -> (checkpoint_dir, tokenizer_path)`: HF checkpoint of the pretrained tiny
-    Llama (tokenizer.model copied in), cached under cache_dir/m0-<hash of config and world source>.
+    Llama (tokenizer.model copied in), cached under cache_dir/m0-<hash of config and world source>, or the
+    shipped M0 of that hash (loop/world/m0s/, loop/world/shipped.py) without pretraining.
   - `judge_template_path`: loop/world/judge_template.txt (slots <INSTRUCTION_HERE>, <RESPONSE_HERE>).
   - `meta_template_path`: loop/world/meta_template.txt, the meta-judge prompt (meta.template = world).
   - `validation_prompts(n) -> list[dict]`: n fresh {"id", "prompt"} for checkpoint selection, drawn from
@@ -71,11 +72,12 @@ class World:
                 out.append({"id": f"valid-{len(out):05d}", "prompt": task.text})
         raise ValueError(f"loop/world: cannot draw {n} validation prompts outside the seed splits (world too small)")
 
-    def build_m0(self, cache_dir: str | Path, log=print, metrics=None) -> tuple[Path, Path]:
+    def build_m0(self, cache_dir: str | Path, log=print, metrics=None, use_shipped: bool = True) -> tuple[Path, Path]:
         from .m0 import build_m0
 
         template = self.judge_template_path.read_text(encoding="utf-8")
-        return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log, metrics=metrics)
+        return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log, metrics=metrics,
+                        use_shipped=use_shipped)
 
     def is_valid_prompt(self, text: str) -> bool:
         return parse_task(text, self.cfg.families) is not None

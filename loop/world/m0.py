@@ -1,4 +1,5 @@
-"""M0 of the world: train its tokenizer, pretrain a tiny Llama from scratch, cache by config hash.
+"""M0 of the world: train its tokenizer, pretrain a tiny Llama from scratch, cache by config hash
+(or take the shipped M0 of the same recipe, loop/world/shipped.py).
 
 The cache key hashes the WorldConfig and the source of every file that shapes the corpus, the
 tokenizer or the training step, so a code change rebuilds M0 and a rerun with the same config skips
@@ -28,6 +29,7 @@ from model.llama import Llama
 
 from .config import WorldConfig
 from .corpus import CorpusMix, corpus_documents
+from .shipped import find_shipped
 from .tokenizer_train import train_tokenizer
 
 WORLD_DIR = Path(__file__).resolve().parent
@@ -113,14 +115,21 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
 
 
 def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str], judge_template: str,
-             log=print, metrics=None) -> tuple[Path, Path]:
-    """(checkpoint_dir, tokenizer_path) of M0 for this config, built once and then reused."""
+             log=print, metrics=None, use_shipped: bool = True) -> tuple[Path, Path]:
+    """(checkpoint_dir, tokenizer_path) of M0 for this config: the cached build, else the shipped M0 of the
+    same recipe (loop/world/shipped.py; not with use_shipped=False), else pretrained once and cached."""
     import sentencepiece as spm
 
-    root = Path(cache_dir) / f"m0-{m0_cache_key(cfg)}"
+    key = m0_cache_key(cfg)
+    root = Path(cache_dir) / f"m0-{key}"
     ckpt = root / "checkpoint"
     if (ckpt / "config.json").is_file() and (ckpt / "tokenizer.model").is_file():
         return ckpt, ckpt / "tokenizer.model"
+    shipped = find_shipped(key) if use_shipped else None
+    if shipped is not None:
+        if log is not None:
+            log(f"[m0] using the shipped M0 {shipped} (recipe {key}): no pretraining")
+        return shipped, shipped / "tokenizer.model"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # the four base kinds' weights sum to 1, so a share s of the corpus weighs s / (1 - shares) of them
