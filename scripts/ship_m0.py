@@ -40,8 +40,8 @@ def world_config(name: str, world: str | None, root: Path) -> WorldConfig:
             raise SystemExit(f"ship_m0: --world is not YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(fields, dict):
             raise SystemExit(f"ship_m0: --world must be a mapping of WorldConfig fields, got {world!r}")
-    elif name in recipes(root):
-        fields = recipes(root)[name]["config"]
+    elif (recipe := recipes(root).get(name)) is not None:
+        fields = recipe["config"]
     elif name == DEFAULT:
         fields = {}
     else:
