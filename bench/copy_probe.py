@@ -11,6 +11,8 @@ compared with the review's:
 - other numbers: computed ones (a sum, a count);
 - with `--families pick_labeled`: looked-up labels (the label after the number in "31 blue , want red", read off
   the task's list) and asked labels (the one after "want", copied from the question);
+- with families that have drills (pick_labeled, pick_missing): the labels and verdicts of fresh drill documents,
+  where each looked-up number occurs once before (no distractor in context);
 - verdicts: the "yes" / "no" after each check (and, within them, the "no" of the failed check alone: always
   answering "yes" scores ~75% of all verdicts but 0% of these), and the score after "Score:".
 Greedy judging fails where the copy fails, so the first number says most. Prints one line per model.
@@ -46,16 +48,22 @@ def reviews(n: int, seed: int, families: tuple[str, ...] | None = None) -> list[
 
 
 def probe(model_dir: Path, chat: bool, n: int, seed: int, families: tuple[str, ...] | None = None) -> dict:
-    import torch
-
-    from loop.judge import fill_template
-    from loop.prompts import chat_ids
-    from loop.world import World
     from model.checkpoint import load_pretrained
     from model.tokenizer import load_tokenizer
 
     model = load_pretrained(model_dir).eval()
     tok = load_tokenizer(model_dir / "tokenizer.model", chat_template="llama2" if chat else None)
+    return probe_model(model, tok, chat, n, seed, families)
+
+
+def probe_model(model, tok, chat: bool, n: int, seed: int, families: tuple[str, ...] | None = None) -> dict:
+    """{kind: (accuracy %, count)} of `model` (in eval mode) with tokenizer `tok` over n fresh reviews."""
+    import torch
+
+    from loop.judge import fill_template
+    from loop.prompts import chat_ids
+    from loop.world import World
+
     template = World.judge_template_path.read_text(encoding="utf-8").rstrip("\n")
     score_id, verdict_ids = tok.token_id("▁Score"), {tok.token_id("▁yes"), tok.token_id("▁no")}
     no_id = tok.token_id("▁no")
@@ -93,7 +101,40 @@ def probe(model_dir: Path, chat: bool, n: int, seed: int, families: tuple[str, .
             if t == no_id and kind == "verdicts":
                 hits["'no' verdicts"][0] += right
                 hits["'no' verdicts"][1] += 1
+    if not chat:  # the corpus's own drills: is the lookup learned where nothing else in context competes?
+        hits.update(probe_drills(model, tok, n, seed, families, label_ids, verdict_ids))
     return {k: (100.0 * h / m if m else float("nan"), m) for k, (h, m) in hits.items()}
+
+
+def probe_drills(model, tok, n: int, seed: int, families, label_ids: set[int], verdict_ids: set[int]) -> dict:
+    """[right, count] of the labels a drill looks up ("List: 12 red , 31 blue\nLookups: 31 blue. 12 red.": each
+    number occurs once before, so the label is one induction step away) and of its membership verdicts
+    ("31 not in second list: yes"), over up to n fresh drills of the families that have them."""
+    import torch
+
+    from loop.world.tasks import FAMILIES
+
+    rng = random.Random(f"copy-probe-drills-{seed}")
+    drilled = [FAMILIES[f] for f in (families or ()) if FAMILIES[f].drill(random.Random(0)) is not None]
+    if not drilled:
+        return {}
+    hits = {"drill labels": [0, 0], "drill verdicts": [0, 0]}
+    for _ in range(n):
+        ids = tok.encode(rng.choice(drilled).drill(rng), bos=True, eos=False)
+        with torch.no_grad():
+            pred = model(torch.tensor([ids]))[0].argmax(-1).tolist()
+        start = ids.index(tok.token_id("\n")) if tok.token_id("\n") in ids else 0  # the lookups follow the list
+        for i in range(max(start, 1), len(ids)):
+            t = ids[i]
+            if t in label_ids and _NUMBER.fullmatch(tok.decode([ids[i - 1]]).strip()):
+                kind = "drill labels"
+            elif t in verdict_ids:
+                kind = "drill verdicts"
+            else:
+                continue
+            hits[kind][0] += pred[i - 1] == t
+            hits[kind][1] += 1
+    return hits
 
 
 def main(argv=None) -> None:

@@ -59,3 +59,13 @@ def test_probe_splits_looked_up_and_asked_labels(tmp_path):
     assert goal_lines > 0
     r = copy_probe.probe(tmp_path / "m", chat=False, n=12, seed=4, families=fams)
     assert r["looked-up labels"][1] == goal_lines and r["asked labels"][1] == goal_lines
+    # the drills: every item of each fresh drill's list looked up once, each label scored once
+    import random
+
+    from loop.world.tasks import FAMILIES
+
+    rng = random.Random("copy-probe-drills-4")
+    drills = [rng.choice([FAMILIES["pick_labeled"]]).drill(rng) for _ in range(12)]
+    lookups = sum(len(re.findall(r"\d+ (?:red|blue|green)", d.split("\n")[1])) for d in drills)
+    assert r["drill labels"][1] == lookups > 12 and r["drill verdicts"][1] == 0
+    assert "drill labels" not in copy_probe.probe(tmp_path / "m", chat=False, n=4, seed=4)  # no drills by default

@@ -9,7 +9,7 @@ from loop.manifest import ManifestError, mark_finished, open_run
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["cpu_default", "smollm2_smoke", "llama2_7b_8xa100", "llama2_70b_8xa100",
+@pytest.mark.parametrize("name", ["cpu_default", "cpu_lookup", "smollm2_smoke", "llama2_7b_8xa100", "llama2_70b_8xa100",
                                   "llama3_8b_8xa100"])
 def test_presets_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")

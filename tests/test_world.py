@@ -345,6 +345,32 @@ def test_build_m0_is_cached(tmp_path):
     assert other != ckpt
 
 
+def test_build_m0_probes_during_pretraining_without_changing_its_weights(tmp_path):
+    # bench/m0_curve.py's claim: the M0 probed every few steps is byte for byte the M0 of a plain build
+    import torch
+
+    from model.tokenizer import load_tokenizer
+
+    cfg = WorldConfig(n_ift=20, n_eft_train=5, n_eft_eval=5, n_eval_prompts=5, corpus_docs=300,
+                      pretrain_steps=5, pretrain_batch=2, pretrain_seq_len=64, tokenizer_vocab_size=512,
+                      model_overrides={"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
+                                       "max_seq_len": 128})
+    plain, _ = World(cfg).build_m0(tmp_path / "plain", log=None)
+    seen = []
+
+    def on_eval(steps, model, tokenizer_path):
+        assert not model.training and not torch.is_grad_enabled()
+        ids = load_tokenizer(tokenizer_path).encode("Task: 12 red", bos=True, eos=False)
+        seen.append(steps)
+        return {"first_logit": round(float(model(torch.tensor([ids]))[0, -1, 0]), 4)}
+
+    probed, _ = World(cfg).build_m0(tmp_path / "probed", log=None, on_eval=on_eval, eval_every=2)
+    assert seen == [2, 4, 5]  # every 2 steps and after the last
+    assert (plain / "model.safetensors").read_bytes() == (probed / "model.safetensors").read_bytes()
+    evals = json.loads((probed.parent / "pretrain_log.json").read_text())["evals"]
+    assert [e["step"] for e in evals] == [2, 4, 5] and all("first_logit" in e for e in evals)
+
+
 def test_evidence_tables_report_mean_and_spread():
     from bench.evidence import mean_spread, tables
 

@@ -28,6 +28,17 @@ def test_every_shipped_m0_matches_its_recipe():
         assert find_shipped(key) == SHIPPED_DIR / name  # verifies every sha256
 
 
+def test_the_lookup_config_finds_the_shipped_lookup_m0():
+    # configs/cpu_lookup.yaml's world is the shipped lookup M0's recipe: a run loads it instead of a 54-min pretrain
+    from pathlib import Path
+
+    from loop.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "cpu_lookup.yaml")
+    key = m0_cache_key(WorldConfig.from_dict(cfg.data.world))
+    assert find_shipped(key) == SHIPPED_DIR / "lookup"
+
+
 def test_the_default_world_loads_its_shipped_m0_without_pretraining(tmp_path, monkeypatch):
     import loop.world.m0 as m0
 

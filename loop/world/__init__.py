@@ -72,12 +72,13 @@ class World:
                 out.append({"id": f"valid-{len(out):05d}", "prompt": task.text})
         raise ValueError(f"loop/world: cannot draw {n} validation prompts outside the seed splits (world too small)")
 
-    def build_m0(self, cache_dir: str | Path, log=print, metrics=None, use_shipped: bool = True) -> tuple[Path, Path]:
+    def build_m0(self, cache_dir: str | Path, log=print, metrics=None, use_shipped: bool = True, on_eval=None,
+                 eval_every: int = 0) -> tuple[Path, Path]:
         from .m0 import build_m0
 
         template = self.judge_template_path.read_text(encoding="utf-8")
         return build_m0(self.cfg, cache_dir, self.seed_instructions(), template, log=log, metrics=metrics,
-                        use_shipped=use_shipped)
+                        use_shipped=use_shipped, on_eval=on_eval, eval_every=eval_every)
 
     def is_valid_prompt(self, text: str) -> bool:
         return parse_task(text, self.cfg.families) is not None

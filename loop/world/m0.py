@@ -67,11 +67,14 @@ def _pack(docs: list[str], sp, seq_len: int) -> torch.Tensor:
 
 
 def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=print,
-             device: str | torch.device = "cpu", metrics=None) -> tuple[Llama, list[dict]]:
+             device: str | torch.device = "cpu", metrics=None, on_eval=None,
+             eval_every: int = 0) -> tuple[Llama, list[dict]]:
     """Train a fresh Llama on `rows` ([R, seq_len + 1] token ids) for cfg.pretrain_steps steps.
 
     Progress: a bar on a terminal, else a `log` line every log_every steps (engine/progress.py);
-    metrics (an engine.metrics_log.StageMetrics) gets a record at those steps (1-based)."""
+    metrics (an engine.metrics_log.StageMetrics) gets a record at those steps (1-based).
+    on_eval(steps_done, model) runs every eval_every steps and after the last, in eval mode without
+    gradients; it draws from no generator of the run's, so the weights are those of a run without it."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Llama(cfg.model_config()).init_weights(cfg.init_std, gen).to(device)
     model.train()
@@ -109,15 +112,24 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
                               "grad_norm": grad_norm.item(), "tokens_per_s": rate})
             progress.report(f"[m0] step {step}/{cfg.pretrain_steps} loss {value:.3f} ({elapsed:.0f}s)",
                             loss=value, tok_s=round(rate))
+        done = step + 1
+        if on_eval is not None and eval_every > 0 and (done % eval_every == 0 or done == cfg.pretrain_steps):
+            model.eval()
+            with torch.no_grad():
+                on_eval(done, model)
+            model.train()
     progress.close()
     model.eval()
     return model.cpu(), history
 
 
 def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str], judge_template: str,
-             log=print, metrics=None, use_shipped: bool = True) -> tuple[Path, Path]:
+             log=print, metrics=None, use_shipped: bool = True, on_eval=None,
+             eval_every: int = 0) -> tuple[Path, Path]:
     """(checkpoint_dir, tokenizer_path) of M0 for this config: the cached build, else the shipped M0 of the
-    same recipe (loop/world/shipped.py; not with use_shipped=False), else pretrained once and cached."""
+    same recipe (loop/world/shipped.py; not with use_shipped=False), else pretrained once and cached.
+    When it pretrains, on_eval(steps_done, model, tokenizer_path) runs every eval_every steps (see pretrain);
+    what it returns, when not None, is kept in pretrain_log.json's "evals" with the step."""
     import sentencepiece as spm
 
     key = m0_cache_key(cfg)
@@ -141,10 +153,17 @@ def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str],
                                cfg.tokenizer_vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     rows = _pack(docs, sp, cfg.pretrain_seq_len)
-    model, history = pretrain(cfg, rows, log=log, metrics=metrics)
+    evals = []
+
+    def hook(steps: int, model: Llama) -> None:
+        if (result := on_eval(steps, model, tok_path)) is not None:
+            evals.append({"step": steps, **result})
+
+    model, history = pretrain(cfg, rows, log=log, metrics=metrics, on_eval=hook if on_eval else None,
+                              eval_every=eval_every)
     save_pretrained(model, ckpt, tokenizer_dir=tok_path)
     summary = {"config": cfg.to_dict(), "corpus_rows": rows.shape[0], "corpus_tokens": rows.numel(),
                "params": cfg.model_config().num_params(), "wall_s": round(time.perf_counter() - t0, 1),
-               "history": history}
+               "history": history, **({"evals": evals} if evals else {})}
     atomic_write_text(root / "pretrain_log.json", json.dumps(summary, indent=1))
     return ckpt, ckpt / "tokenizer.model"
