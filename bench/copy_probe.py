@@ -14,7 +14,9 @@ compared with the review's:
 - with families that have drills (pick_labeled, pick_missing): the labels and verdicts of fresh drill documents,
   where each looked-up number occurs once before (no distractor in context);
 - verdicts: the "yes" / "no" after each check (and, within them, the "no" of the failed check alone: always
-  answering "yes" scores ~75% of all verdicts but 0% of these), and the score after "Score:".
+  answering "yes" scores ~75% of all verdicts but 0% of these), and the score after "Score:";
+- answers (corpus format only): the generator's side, the greedy answer after "Task: ...\nAnswer:" on fresh
+  tasks, right by the grader, per family ("answers: pick_labeled").
 Greedy judging fails where the copy fails, so the first number says most. Prints one line per model.
 """
 from __future__ import annotations
@@ -103,6 +105,7 @@ def probe_model(model, tok, chat: bool, n: int, seed: int, families: tuple[str, 
                 hits["'no' verdicts"][1] += 1
     if not chat:  # the corpus's own drills: is the lookup learned where nothing else in context competes?
         hits.update(probe_drills(model, tok, n, seed, families, label_ids, verdict_ids))
+        hits.update(probe_answers(model, tok, n, seed, families))
     return {k: (100.0 * h / m if m else float("nan"), m) for k, (h, m) in hits.items()}
 
 
@@ -135,6 +138,33 @@ def probe_drills(model, tok, n: int, seed: int, families, label_ids: set[int], v
             hits[kind][0] += pred[i - 1] == t
             hits[kind][1] += 1
     return hits
+
+
+def probe_answers(model, tok, n: int, seed: int, families, max_tokens: int = 6) -> dict:
+    """[right, count] of greedy answers to n fresh tasks in the corpus's QA format ("Task: ...\nAnswer:"), by
+    the grader, per family: can M0 do the operation the answer needs (not only the one its check needs)?"""
+    import torch
+
+    from loop.world.grader import grade
+    from loop.world.tasks import sample_task
+
+    rng = random.Random(f"copy-probe-answers-{seed}")
+    stop = {tok.token_id("\n"), tok.eos_id}
+    hits: dict[str, list[int]] = {}
+    for _ in range(n):
+        task = sample_task(rng, families)
+        ids = tok.encode(f"Task: {task.text}\nAnswer:", bos=True, eos=False)
+        out: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                t = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+                if t in stop:
+                    break
+                out.append(t)
+        h = hits.setdefault(f"answers: {task.family}", [0, 0])
+        h[0] += grade(task.text, tok.decode(out).strip()).correct
+        h[1] += 1
+    return dict(sorted(hits.items()))
 
 
 def main(argv=None) -> None:

@@ -5,7 +5,9 @@
     python bench/evidence.py --collect-only          # tables from finished runs, no training
 
 Each seed is one `loop/iterate.py` run in its own directory (`run.seed` and the world's seed both set
-to the seed, so seed data, M0 and sampling all vary); a finished run is resumed, not redone. The
+to the seed, so seed data, M0 and sampling all vary); a finished run is resumed, not redone. With
+`--world-seed S` every run keeps the world's seed S (the same seed data and M0, e.g. a shipped one that
+took an hour to pretrain) and only `run.seed` varies: SFT order, prompts, samples, judgments, DPO. The
 numbers come from each run's eval stage (loop.report.collect): ground-truth mean score and exact-
 correct rate of greedy responses on held-out instructions, the model-as-judge metrics on the
 held-out EFT set, head-to-head win rates, and wall time per run.
@@ -29,6 +31,7 @@ from common.atomic import atomic_write_text  # noqa: E402
 MODEL_METRICS = (
     ("GT mean score", ("grader", "mean_score")),
     ("GT exact %", ("grader", "accuracy")),
+    ("GT exact % (sampled)", ("self_pairs", "sampled_grader", "accuracy")),
     ("judge pairwise %", ("reward_model", "pairwise_accuracy")),
     ("judge 5-best %", ("reward_model", "five_best")),
     ("judge exact match %", ("reward_model", "exact_match")),
@@ -41,7 +44,7 @@ MODEL_METRICS = (
 )
 
 
-def run_seed(seed: int, run_dir: Path, config: Path, nproc: int, extra: list[str]) -> float:
+def run_seed(seed: int, run_dir: Path, config: Path, nproc: int, extra: list[str], world_seed: int | None = None) -> float:
     """Run (or resume) one seed's loop; returns its wall time in seconds."""
     script = str(REPO / "loop" / "iterate.py")
     launcher = [sys.executable, script] if nproc <= 1 else [
@@ -49,7 +52,7 @@ def run_seed(seed: int, run_dir: Path, config: Path, nproc: int, extra: list[str
     cmd = launcher + ["--config", str(config), "--run-dir", str(run_dir)]
     if run_dir.exists():
         cmd.append("--resume")
-    cmd += [f"run.seed={seed}", f"data.world.seed={seed}", *extra]
+    cmd += [f"run.seed={seed}", f"data.world.seed={seed if world_seed is None else world_seed}", *extra]
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -111,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "cpu_default.yaml")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "evidence")
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) ")
+    ap.add_argument("--world-seed", type=int, default=None,
+                    help="keep the world's seed (seed data, M0) fixed; only run.seed varies")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
     ap.add_argument("--collect-only", action="store_true", help="only tabulate finished runs")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
@@ -122,11 +127,14 @@ def main(argv=None) -> int:
     runs = {}
     for seed in args.seeds:
         run_dir = args.runs_dir / f"seed_{seed}"
-        walls[seed] = None if args.collect_only else run_seed(seed, run_dir, args.config, args.nproc, args.overrides)
+        walls[seed] = None if args.collect_only else run_seed(seed, run_dir, args.config, args.nproc, args.overrides,
+                                                                    args.world_seed)
         if not run_dir.exists():
             raise SystemExit(f"bench/evidence.py: {run_dir} does not exist (run without --collect-only first)")
         runs[seed] = collect(run_dir)
     text = tables(runs, walls)
+    if args.world_seed is not None:
+        text = f"World seed (seed data, M0) {args.world_seed} in every run; run.seed varies.\n" + text
     print(text)
     if args.out:
         atomic_write_text(args.out, f"# Evidence: the embedded default over {len(runs)} seeds\n\n"

@@ -6,7 +6,7 @@
 Takes the loop's config and overrides (as bench/evidence.py does, seed 0 unless --seed), builds M0 exactly as
 the loop's M0 stage would, into `data.world_cache_dir` under the same key, and every `--every` steps runs
 bench/copy_probe.py's teacher-forced probe on the weights of that step (the world's families): copied numbers,
-looked-up labels, asked labels, verdicts, the failed check's "no". The probe draws from no generator of the
+looked-up labels, asked labels, verdicts, the failed check's "no", and the greedy answers per family. The probe draws from no generator of the
 run's, so the final M0 is byte for byte the one a plain loop run pretrains. Prints one line per probe and a
 table at the end; the probes are also kept in the build's pretrain_log.json ("evals").
 """
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     ckpt, _ = world.build_m0(cache, use_shipped=False, on_eval=on_eval, eval_every=args.every)
     print(f"\nM0 {ckpt} (key {key}), {time.perf_counter() - t0:.0f} s; probe of {args.n} reviews, "
           f"families {', '.join(families) if families else 'default'}:\n")
-    present = [c for c in COLUMNS if any(r[c][1] for _, r in rows)]
+    answers = sorted({k for _, r in rows for k in r if k.startswith("answers: ")})
+    present = [c for c in (*COLUMNS, *answers) if any(r.get(c, (0, 0))[1] for _, r in rows)]
     print("| step | " + " | ".join(f"{c} %" for c in present) + " |")
     print("|---|" + "---|" * len(present))
     for steps, r in rows:

@@ -77,6 +77,10 @@ class DataConfig:
     # by the world's grader (the human stand-in) join the EFT training data, so the judge learns the model's
     # own kinds of errors, not only synthetic corruptions. 0 = synthetic EFT only. Eval EFT stays synthetic.
     eft_own_samples: int = 0
+    # World only: held-out eval prompts. None: the seed's n_eval_prompts (200, standard error ~3.4 points at
+    # 65%); a larger number adds prompts drawn from a stream of their own outside every seed split, so the
+    # world config, and with it the M0 recipe, stays as it is (loop/world World.eval_prompts).
+    world_eval_prompts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,9 @@ class PairsConfig:
     min_gap: float = 0.0  # drop pairs whose chosen - rejected score gap is <= this (0 = only exact ties)
     length_control: bool = False  # chosen = the shortest response within length_margin of the top score
     length_margin: float = 0.0  # score margin of length_control
+    # pair distinct response texts, each scored by the mean over the samples that wrote it (loop/pairs.py);
+    # false: the paper's rule, chosen and rejected are samples and may be the same text
+    distinct_texts: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,6 +284,11 @@ class LoopConfig:
                     bad(f"data.{name}", f"is only read when data.source = jsonl or hf (it is {self.data.source})")
         if not 0.0 <= self.data.eft_eval_fraction < 1.0:
             bad("data.eft_eval_fraction", "must be in [0, 1)")
+        wep = self.data.world_eval_prompts
+        if wep is not None and (not isinstance(wep, int) or isinstance(wep, bool) or wep <= 0):
+            bad("data.world_eval_prompts", f"= {wep!r} must be a positive integer or null")
+        if wep is not None and self.data.source != "world":
+            bad("data.world_eval_prompts", "needs data.source = world (other sources bring their eval prompts)")
         if self.data.eft_own_samples < 0:
             bad("data.eft_own_samples", "must be >= 0")
         if self.data.eft_own_samples and self.data.source != "world":

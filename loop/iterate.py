@@ -91,7 +91,7 @@ class Loop:
             summary = {}
             if self.dist.is_main:
                 if self.world is not None:
-                    paths = self.world.build_seed(work)
+                    paths = self.world.build_seed(work, eval_prompts=cfg.data.world_eval_prompts)
                 else:
                     from loop.data.sources import build_seed
 

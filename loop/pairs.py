@@ -3,6 +3,12 @@
 A prompt yields no pair when too few of its responses got a valid score, or when the best and
 worst mean scores are equal (a tie teaches DPO nothing). Every prompt gets an outcome record with
 its drop reason, so the report can say why the pair count is what it is.
+
+With `distinct_texts` the candidates are a prompt's distinct response texts, not its samples: a text's score
+is the mean over every sample that wrote it (more judgments per answer, less judge noise), and chosen and
+rejected are always different texts. A small policy often writes the same answer in several samples; the
+paper's rule then pairs two copies of one text that sampled judgments happened to score apart, a pair
+with no DPO gradient (the chosen and rejected log-ratios cancel) that only the NLL term sees.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from .records import stable_seed
 DROP_TOO_FEW_SCORED = "too_few_scored"
 DROP_TIE = "tie"
 DROP_NO_RESPONSES = "no_responses"
+DROP_SAME_TEXT = "same_text"  # distinct_texts: every scored sample wrote the same text
 DROP_OVERLONG = "overlong"  # the prompt or judge input did not fit the context (loop/generation.py skipped it)
 
 
@@ -24,6 +31,7 @@ class PairRules:
     length_control: bool = False  # chosen = shortest response within `length_margin` of the top score
     length_margin: float = 0.0
     min_gap: float = 0.0  # drop pairs whose chosen - rejected score gap is <= this (0 = only exact ties)
+    distinct_texts: bool = False  # candidates are distinct texts, each scored by the mean over its samples
 
 
 def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dict[str, float | None],
@@ -51,7 +59,11 @@ def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dic
             reason = DROP_OVERLONG if p["id"] in overlong else DROP_NO_RESPONSES
         elif len(scored) < max(2, rules.min_scored):
             reason = DROP_OVERLONG if p["id"] in overlong else DROP_TOO_FEW_SCORED
+        elif rules.distinct_texts and len(_pool_texts(scored)) < 2:
+            reason = DROP_SAME_TEXT
         else:
+            if rules.distinct_texts:
+                scored = _pool_texts(scored)
             top = max(s for s, _ in scored)
             if rules.length_control:
                 near_top = [(s, r) for s, r in scored if s >= top - rules.length_margin]
@@ -74,6 +86,14 @@ def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dic
             reasons[reason] += 1
         outcomes.append(outcome)
     return pairs, outcomes, reasons
+
+
+def _pool_texts(scored: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
+    """One (mean score over its samples, first sample) per distinct text, in sample order."""
+    by_text: dict[str, list[tuple[float, dict]]] = {}
+    for s, r in scored:
+        by_text.setdefault(r["text"], []).append((s, r))
+    return [(sum(s for s, _ in group) / len(group), group[0][1]) for group in by_text.values()]
 
 
 def mix_judge_pairs(actor: list[dict], judge: list[dict], *, share: float, seed: int) -> tuple[list[dict], dict]:

@@ -215,16 +215,18 @@ def _self_pairs(data: dict) -> list[str]:
             rows.append([name, _fmt(sp.get("accuracy"), 1), _fmt(sp.get("agree")), _fmt(sp.get("disagree")),
                          _fmt(sp.get("tie")), _fmt(sp.get("num_pairs")), _fmt(sp.get("prompts")),
                          _fmt(sp.get("prompts_with_pair"), 1), _fmt(sp.get("unscored")),
-                         _fmt((sp.get("vote") or {}).get("accuracy"), 1)])
+                         _fmt((sp.get("vote") or {}).get("accuracy"), 1),
+                         _fmt((sp.get("sampled_grader") or {}).get("accuracy"), 1)])
     if not rows:
         return []
     return ["Self-pair accuracy: on held-out prompts each model samples responses and judges them as AIFT "
             "stages 2-3 do; over the pairs of one prompt's responses the grader scores differently, the share the "
-            "judge orders as the grader does (a tie counts half, so 50 is chance). The last column scores the same "
+            "judge orders as the grader does (a tie counts half, so 50 is chance). The vote column scores the same "
             "responses by self-consistency (judge.mode=vote: the share of the prompt's responses giving the same "
-            "answer).", ""] + _table(
+            "answer). The last column is the grader's exact-correct share of those sampled responses (the policy at "
+            "the sampling temperature; the table above is greedy).", ""] + _table(
         ["model", "self-pair acc. %", "agree", "disagree", "tie", "pairs", "prompts", "prompts with a pair %",
-         "unscored responses", "vote self-pair acc. %"], rows)
+         "unscored responses", "vote self-pair acc. %", "sampled ground-truth acc. %"], rows)
 
 
 def _win_rates(data: dict, plots: _Plots) -> list[str]:

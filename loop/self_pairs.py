@@ -91,9 +91,15 @@ def measure_self_pairs(sampler, tok, dist: Dist, cfg: LoopConfig, *, name: str, 
     if not dist.is_main:
         return {}, [], []
     for r in responses:
-        r["grade"] = float(grader(text[r["prompt_id"]], r["text"]).score)
+        g = grader(text[r["prompt_id"]], r["text"])
+        r["grade"], r["correct"] = float(g.score), bool(g.correct)
     grades = {r["id"]: r["grade"] for r in responses}
     summary = self_pair_accuracy(responses, grades, mean_scores(judgments))
+    # the ground truth of the same samples: the policy at the sampling temperature (greedy is the eval's own)
+    n = len(responses)
+    summary["sampled_grader"] = {"responses": n,
+                                 "accuracy": 100.0 * sum(r["correct"] for r in responses) / n if n else None,
+                                 "mean_score": sum(r["grade"] for r in responses) / n if n else None}
     # the self-consistency vote on the same responses (judge.mode=vote's score; free: nothing is sampled)
     summary["vote"] = self_pair_accuracy(responses, grades, mean_scores(vote_records(responses)))
     summary["samples"] = {"n": rc.n, "temperature": rc.temperature, "judge_k": jc.k, "judge_mode": jc.mode}

@@ -128,7 +128,7 @@ def make_pairs(cfg: LoopConfig, *, prompts_path: Path, responses_path: Path, sco
     scores = {s["id"]: s["mean"] for s in read_jsonl(scores_path, ("id", "mean"))}
     pc = cfg.pairs
     rules = PairRules(min_scored=pc.min_scored, length_control=pc.length_control, length_margin=pc.length_margin,
-                      min_gap=pc.min_gap)
+                      min_gap=pc.min_gap, distinct_texts=pc.distinct_texts)
     prompt_of = {r["id"]: r["prompt_id"] for r in responses}
     overlong = frozenset([k["request_id"] for k in read_skipped(responses_path)] +
                          [prompt_of[k["request_id"]] for k in read_skipped(scores_path.with_name(F.JUDGMENTS))])

@@ -69,3 +69,13 @@ def test_manifest_refuses_changed_config(tmp_path):
         open_run(tmp_path, changed, resume=True, force_config=False)
     m2 = open_run(tmp_path, changed, resume=True, force_config=True)
     assert m2["config_hash"] == changed.hash() and m2["history"][0]["old_hash"] == cfg.hash()
+
+
+def test_world_eval_prompts_is_checked():
+    assert load_config(None, ["data.world_eval_prompts=500"]).data.world_eval_prompts == 500
+    for bad in ("0", "-3", "true", "2.5"):
+        with pytest.raises(LoopConfigError, match="data.world_eval_prompts"):
+            load_config(None, [f"data.world_eval_prompts={bad}"])
+    with pytest.raises(LoopConfigError, match="data.world_eval_prompts"):
+        load_config(None, ["data.source=oasst", "data.oasst_path=README.md", "model.init=README.md",
+                          "data.world_eval_prompts=500"])

@@ -32,8 +32,10 @@ from test_loop_run import OVERRIDES as ONE_RANK
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 REPO = Path(__file__).resolve().parent.parent
-# ZeRO-3 wherever there are several ranks (one rank always trains with plain torch)
-OVERRIDES = ONE_RANK + ["sft.zero_stage=3", "dpo.zero_stage=3"]
+# ZeRO-3 wherever there are several ranks (one rank always trains with plain torch); the pair rule and the
+# extra eval prompts of configs/cpu_lookup.yaml, so they too are checked for world-size independence
+OVERRIDES = ONE_RANK + ["sft.zero_stage=3", "dpo.zero_stage=3", "pairs.distinct_texts=true",
+                        "data.world_eval_prompts=9", "eval.self_pairs=6"]
 GENERATED = ("iter_1/1_prompts/prompts.jsonl", "iter_1/2_responses/responses.jsonl",
              "iter_1/3_judgments/judgments.jsonl", "iter_1/4_pairs/pairs.jsonl",
              "iter_1/4_pairs/outcomes.jsonl")
@@ -221,6 +223,8 @@ def test_self_pairs_on_two_ranks(runs):
     ref, two = (json.loads((runs[w] / "eval" / "M2" / "done.json").read_text())["self_pairs"] for w in ("ref", "two"))
     assert {k: two[k] for k in ("agree", "disagree", "tie", "num_pairs")} == \
         {k: ref[k] for k in ("agree", "disagree", "tie", "num_pairs")}
+    assert two["sampled_grader"] == ref["sampled_grader"] and ref["sampled_grader"]["responses"] == 24
+    assert len(read_jsonl(runs["two"] / "eval/M2/generations.jsonl")) == 9  # the seed's 6 + 3 more
 
 
 def test_kill_one_rank_then_resume(runs):

@@ -49,3 +49,19 @@ def test_length_control_picks_shortest_near_top():
     assert pairs[0]["chosen_id"] == "a-s0"
     pairs, _, _ = build_pairs(prompts, responses, scores, PairRules(length_control=True, length_margin=0.3))
     assert pairs[0]["chosen_id"] == "a-s2" and pairs[0]["rejected_id"] == "a-s1"
+
+
+def test_distinct_texts_pools_samples_of_one_text():
+    from loop.pairs import DROP_SAME_TEXT
+    # a: samples 0 and 1 write "X" (judged 5 and 1: mean 3), samples 2 and 3 write "Y" (3 and 4: mean 3.5);
+    # b: all four samples write "Z", judged apart.
+    prompts, responses, scores = _data({"a": [5.0, 1.0, 3.0, 4.0], "b": [5.0, 2.0, 3.0, 4.0]})
+    for r in responses:
+        r["text"] = "Z" if r["prompt_id"] == "b" else "X" if r["sample_index"] < 2 else "Y"
+    pairs, _, reasons = build_pairs(prompts, responses, scores, PairRules())
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("X", "X"), ("Z", "Z")]  # the paper's rule
+    pairs, outcomes, reasons = build_pairs(prompts, responses, scores, PairRules(distinct_texts=True))
+    assert [(p["id"], p["chosen_id"], p["rejected_id"]) for p in pairs] == [("a", "a-s2", "a-s0")]
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("Y", "X")
+    assert (pairs[0]["chosen_score"], pairs[0]["rejected_score"]) == (3.5, 3.0)
+    assert dict(reasons) == {DROP_SAME_TEXT: 1} and outcomes[1]["dropped"] == DROP_SAME_TEXT

@@ -420,3 +420,25 @@ def test_pretrain_steps_by_the_engine_schedule():
     want = [cosine_lr(s, 7, 1e-2, 1e-3, 2) for s in range(7)]
     assert [r["lr"] for r in sink.records] == pytest.approx(want, rel=1e-12)
     assert want[1] == pytest.approx(1e-2) and want[-1] > 1e-3  # warmup reached the peak; the floor is at step 7
+
+
+def test_eval_prompts_beyond_the_seed_leave_the_seed_and_m0_recipe_alone(tmp_path):
+    from loop.world.corpus import corpus_documents
+    from loop.world.m0 import m0_cache_key
+
+    cfg = WorldConfig(n_ift=40, n_eft_train=5, n_eft_eval=5, n_eval_prompts=10, families=["pick_labeled", "pick_missing"])
+    world = World(cfg)
+    seed_eval = world.seed_records()["eval_prompts"]
+    more = world.eval_prompts(60)
+    assert more[:10] == seed_eval and world.eval_prompts() == seed_eval and world.eval_prompts(4) == seed_eval[:4]
+    added = {p["prompt"] for p in more[10:]}
+    assert len({p["prompt"] for p in more}) == 60 and len({p["id"] for p in more}) == 60
+    assert not added & world.seed_instructions()
+    assert not added & {p["prompt"] for p in world.validation_prompts(1000)}
+    assert World(cfg).eval_prompts(60) == more  # deterministic
+    paths = world.build_seed(tmp_path, eval_prompts=60)
+    assert sum(1 for _ in open(paths["eval_prompts"], encoding="utf-8")) == 60
+    assert m0_cache_key(World(cfg).cfg) == m0_cache_key(cfg)  # nothing of the world config changed
+    # the M0 corpus leaves out the seed instructions only; the added prompts are too rare to be drawn into it
+    docs = corpus_documents(cfg.seed, 3000, world.seed_instructions(), families=cfg.families)
+    assert sum(any(p in d for p in added) for d in docs) == 0

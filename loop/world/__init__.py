@@ -49,28 +49,47 @@ class World:
                                                c.eft_group_size, c.families)
         return self._records
 
-    def build_seed(self, out_dir: str | Path) -> dict[str, Path]:
+    def build_seed(self, out_dir: str | Path, eval_prompts: int | None = None) -> dict[str, Path]:
+        """The seed splits as JSONL files; eval_prompts: how many held-out eval prompts (see eval_prompts)."""
         out_dir = Path(out_dir)
         paths = {}
         for split, name in SEED_FILES.items():
             paths[split] = out_dir / name
-            write_jsonl(paths[split], self.seed_records()[split])
+            records = self.eval_prompts(eval_prompts) if split == "eval_prompts" else self.seed_records()[split]
+            write_jsonl(paths[split], records)
         return paths
+
+    def eval_prompts(self, n: int | None = None) -> list[dict]:
+        """n held-out eval prompts: the seed's first, then (n above the seed's n_eval_prompts) prompts from a
+        stream of their own outside every seed split and the validation stream's first 1,000. The seed's
+        sizes shape M0's corpus (it leaves out every seed instruction), so a bigger eval set drawn this way
+        leaves the M0 and its recipe key unchanged; the M0 corpus may hold one of the added prompts by chance
+        (each is one of ~10^9 or more task texts, so that is rare; tests/test_world.py measures it)."""
+        base = self.seed_records()["eval_prompts"]
+        if n is None or n <= len(base):
+            return base[:n] if n is not None else base
+        seen = self.seed_instructions() | {p["prompt"] for p in self.validation_prompts(1000)}
+        return base + self._fresh_prompts(f"world-eval-{self.cfg.seed}", n - len(base), seen, "eval", len(base))
 
     def seed_instructions(self) -> set[str]:
         return {r["prompt"] for records in self.seed_records().values() for r in records}
 
     def validation_prompts(self, n: int) -> list[dict]:
         # A stream of its own, so the seed splits (and the M0 cache keyed on them) stay as they are.
-        rng, seen, out = random.Random(f"world-valid-{self.cfg.seed}"), self.seed_instructions(), []
+        return self._fresh_prompts(f"world-valid-{self.cfg.seed}", n, self.seed_instructions(), "valid")
+
+    def _fresh_prompts(self, stream: str, n: int, seen: set[str], kind: str, first: int = 0) -> list[dict]:
+        """n distinct prompts of the world's families from the random stream `stream`, none in `seen`; ids
+        "{kind}-{first:05d}" on."""
+        rng, seen, out = random.Random(stream), set(seen), []
         for _ in range(50 * n + 1000):
             if len(out) == n:
                 return out
             task = sample_task(rng, self.cfg.families)
             if task.text not in seen:
                 seen.add(task.text)
-                out.append({"id": f"valid-{len(out):05d}", "prompt": task.text})
-        raise ValueError(f"loop/world: cannot draw {n} validation prompts outside the seed splits (world too small)")
+                out.append({"id": f"{kind}-{first + len(out):05d}", "prompt": task.text})
+        raise ValueError(f"loop/world: cannot draw {n} {kind} prompts outside the seed splits (world too small)")
 
     def build_m0(self, cache_dir: str | Path, log=print, metrics=None, use_shipped: bool = True, on_eval=None,
                  eval_every: int = 0) -> tuple[Path, Path]:
