@@ -13,7 +13,10 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
                                   "llama3_8b_8xa100"])
 def test_presets_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.responses.n == 4 and cfg.judge.k == 3
+    if name == "cpu_lookup":  # a measured departure (bench/RESULTS.md 2026-12-08): more samples, pooled texts
+        assert (cfg.responses.n, cfg.judge.k, cfg.pairs.distinct_texts) == (8, 1, True)
+    else:  # the paper's N = 4 responses, K = 3 judgments
+        assert cfg.responses.n == 4 and cfg.judge.k == 3
     if "8xa100" in name:
         assert cfg.sft.zero_stage == 3 and cfg.dpo.dtype == "bf16" and cfg.dpo.objective.beta == 0.1
         cfg.sft.validate(world_size=8), cfg.dpo.validate(world_size=8)
