@@ -44,7 +44,8 @@ MODEL_METRICS = (
 )
 
 
-def run_seed(seed: int, run_dir: Path, config: Path, nproc: int, extra: list[str], world_seed: int | None = None) -> float:
+def run_seed(seed: int, run_dir: Path, config: Path, nproc: int, extra: list[str],
+             world_seed: int | None = None) -> float:
     """Run (or resume) one seed's loop; returns its wall time in seconds."""
     script = str(REPO / "loop" / "iterate.py")
     launcher = [sys.executable, script] if nproc <= 1 else [
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     runs = {}
     for seed in args.seeds:
         run_dir = args.runs_dir / f"seed_{seed}"
-        walls[seed] = None if args.collect_only else run_seed(seed, run_dir, args.config, args.nproc, args.overrides,
-                                                                    args.world_seed)
+        walls[seed] = None if args.collect_only else run_seed(seed, run_dir, args.config, args.nproc,
+                                                              args.overrides, args.world_seed)
         if not run_dir.exists():
             raise SystemExit(f"bench/evidence.py: {run_dir} does not exist (run without --collect-only first)")
         runs[seed] = collect(run_dir)

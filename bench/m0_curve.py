@@ -6,8 +6,8 @@
 Takes the loop's config and overrides (as bench/evidence.py does, seed 0 unless --seed), builds M0 exactly as
 the loop's M0 stage would, into `data.world_cache_dir` under the same key, and every `--every` steps runs
 bench/copy_probe.py's teacher-forced probe on the weights of that step (the world's families): copied numbers,
-looked-up labels, asked labels, verdicts, the failed check's "no", and the greedy answers per family. The probe draws from no generator of the
-run's, so the final M0 is byte for byte the one a plain loop run pretrains. Prints one line per probe and a
+looked-up labels, asked labels, verdicts, the failed check's "no", and the greedy answers per family. The probe
+draws from no generator of the run's, so the final M0 is byte for byte the one a plain loop run pretrains. Prints one line per probe and a
 table at the end; the probes are also kept in the build's pretrain_log.json ("evals").
 """
 from __future__ import annotations

@@ -29,12 +29,12 @@ def audit(run_dir: Path, iteration: int) -> Counter | None:
     grade = World.grade
     c: Counter = Counter()
     for p in read_jsonl(PAIRS.path(run_dir, F.PAIRS, iteration), ("prompt", "chosen", "rejected")):
-        gc, gr = grade(p["prompt"], p["chosen"]).score, grade(p["prompt"], p["rejected"]).score
+        gc, gr = grade(p["prompt"], p["chosen"]), grade(p["prompt"], p["rejected"])
         c["pairs"] += 1
-        c["right" if gc > gr else "wrong" if gc < gr else "noise"] += 1
+        c["right" if gc.score > gr.score else "wrong" if gc.score < gr.score else "noise"] += 1
         c["identical"] += p["chosen"] == p["rejected"]
-        c["chosen correct"] += gc == 5
-        c["rejected correct"] += gr == 5
+        c["chosen correct"] += gc.correct
+        c["rejected correct"] += gr.correct
     prompts = {p["id"]: p["prompt"] for p in read_jsonl(PROMPTS.path(run_dir, F.PROMPTS, iteration), ("id", "prompt"))}
     grades: dict[str, set] = {}
     for r in read_jsonl(RESPONSES.path(run_dir, F.RESPONSES, iteration), ("prompt_id", "text")):

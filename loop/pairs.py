@@ -59,11 +59,10 @@ def build_pairs(prompts: list[dict], responses: list[dict], response_scores: dic
             reason = DROP_OVERLONG if p["id"] in overlong else DROP_NO_RESPONSES
         elif len(scored) < max(2, rules.min_scored):
             reason = DROP_OVERLONG if p["id"] in overlong else DROP_TOO_FEW_SCORED
-        elif rules.distinct_texts and len(_pool_texts(scored)) < 2:
-            reason = DROP_SAME_TEXT
+        elif len(pool := _pool_texts(scored) if rules.distinct_texts else scored) < 2:
+            reason = DROP_SAME_TEXT  # only distinct_texts can leave fewer than two candidates here
         else:
-            if rules.distinct_texts:
-                scored = _pool_texts(scored)
+            scored = pool
             top = max(s for s, _ in scored)
             if rules.length_control:
                 near_top = [(s, r) for s, r in scored if s >= top - rules.length_margin]
