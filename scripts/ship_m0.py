@@ -5,6 +5,13 @@
     python scripts/ship_m0.py lookup                  # again, from the config in its recipe.json (after a source edit)
     python scripts/ship_m0.py default --check         # pretrain again; exit 1 unless every file has the shipped bytes
     python scripts/ship_m0.py NAME --from-cache .cache/world   # ship the build cached under this recipe's key
+    python scripts/ship_m0.py NAME --rekey            # same files under today's key, after an edit that builds the same
+
+`--rekey` is for source edits that change the recipe key but not what it builds (a refactor, a family added in
+a module of its own). It rebuilds the corpus and tokenizer (minutes, no pretraining) and refuses unless the
+tokenizer has the shipped bytes; the training step itself it cannot check, so prove that first (the old tree and
+the new one pretrain the same bytes on one machine: CPU builds differ between CPU models, bench/RESULTS.md
+2026-12-08 session 2). The recipe keeps the keys it was shipped under ("rekeyed_from").
 
 `--world` takes WorldConfig fields as YAML (loop/world/config.py), as `data.world` does in a loop config.
 Pretraining runs in a temporary folder, never the loop's cache; the shipped folder appears whole or not at all.
@@ -60,18 +67,48 @@ def pretrain_summary(build_root: Path) -> dict:
             "wall_s": log["wall_s"], "final_loss": last.get("loss")}
 
 
+def rekey(name: str, cfg: WorldConfig, key: str, root: Path) -> int:
+    """Record today's key in NAME's recipe, files unchanged, once the rebuilt tokenizer has the shipped bytes."""
+    from loop.world.m0 import corpus_and_tokenizer
+    from loop.world.shipped import rekey_recipe, verify
+
+    recipe = recipes(root).get(name)
+    if recipe is None:
+        raise SystemExit(f"ship_m0: --rekey: no shipped M0 named {name!r} under {root}")
+    verify(root / name, recipe)
+    if recipe["key"] == key:
+        print(f"ship_m0: {name}: already shipped under today's key {key}")
+        return 0
+    world = World(cfg)
+    with tempfile.TemporaryDirectory(prefix="ship_m0.") as tmp:
+        _, tok = corpus_and_tokenizer(cfg, Path(tmp), world.seed_instructions(),
+                                      world.judge_template_path.read_text(encoding="utf-8"))
+        if sha256(tok) != recipe["files"]["tokenizer.model"]:
+            print(f"ship_m0: {name}: today's sources build another corpus or tokenizer: not rekeyed "
+                  f"(ship it again: python scripts/ship_m0.py {name})")
+            return 1
+    rekey_recipe(root / name, recipe, key, cfg.to_dict())
+    print(f"ship_m0: {name}: rekeyed {recipe['key']} -> {key} (tokenizer rebuilt bit for bit; files unchanged)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="folder under the shipped root; `default` is the default world's M0")
     ap.add_argument("--world", help="WorldConfig fields as YAML (default: NAME's recipe, or the default world)")
     ap.add_argument("--check", action="store_true", help="pretrain again and compare with the shipped files")
     ap.add_argument("--from-cache", type=Path, help="a world cache dir holding this recipe's build: no pretraining")
+    ap.add_argument("--rekey", action="store_true", help="keep the shipped files, record today's key (no pretraining)")
     ap.add_argument("--root", type=Path, default=SHIPPED_DIR, help="where shipped M0s live (default: %(default)s)")
     args = ap.parse_args(argv)
-    if args.check and args.from_cache:
-        ap.error("--check pretrains again; it does not take --from-cache")
+    if sum((args.check, args.from_cache is not None, args.rekey)) > 1:
+        ap.error("--check, --from-cache and --rekey exclude each other")
+    if args.rekey and args.world is not None:
+        ap.error("--rekey keeps the shipped recipe's config; it does not take --world")
     cfg = world_config(args.name, args.world, args.root)
     key = m0_cache_key(cfg)
+    if args.rekey:
+        return rekey(args.name, cfg, key, args.root)
     with tempfile.TemporaryDirectory(prefix="ship_m0.") as tmp:
         if args.from_cache:
             build = args.from_cache / f"m0-{key}"

@@ -293,6 +293,28 @@ def test_copy_documents_only_when_asked():
 PLAIN_CORPUS_400 = "6d9aa99df8690cdb"  # corpus.py at commit 8e7d8e8
 
 
+def test_a_corpus_without_answers_keeps_the_checks_and_the_other_shares(tmp_path):
+    """corpus_answers=False drops the task-with-answer documents only: reviews, check documents and drills stay,
+    each at the share the config gives it."""
+    from loop.world.m0 import corpus_and_tokenizer, m0_cache_key
+
+    qa = re.compile(r"^Task: [^\n]*\nAnswer: ", re.MULTILINE)
+    fields = dict(families=["pick_missing"], corpus_docs=1200, tokenizer_vocab_size=512, corpus_check_share=0.2,
+                  corpus_lookup_share=0.3)
+    shares = {}
+    for answers in (True, False):
+        cfg = WorldConfig(**fields, corpus_answers=answers)
+        docs, tok = corpus_and_tokenizer(cfg, tmp_path / str(answers), World(cfg).seed_instructions(), "Score:")
+        assert tok.is_file()
+        shares[answers] = sum(d.startswith("First list:") for d in docs) / len(docs)
+        assert any(qa.search(d) for d in docs) == answers
+        assert any("\nReview: " in d for d in docs) and any("\nCheck: " in d for d in docs)
+    assert 0.25 < shares[True] < 0.35 and 0.25 < shares[False] < 0.35  # the drills' share, 0.3, either way
+    assert m0_cache_key(WorldConfig(**fields)) != m0_cache_key(WorldConfig(**fields, corpus_answers=False))
+    with pytest.raises(ConfigError, match="corpus_answers"):
+        WorldConfig(corpus_answers="no")
+
+
 def test_check_documents_hold_one_true_or_false_check_each():
     """CorpusMix.checks: tasks with a response and one review check; the verdict is the grader's own check of
     that response, and failed checks are about as common as passed ones (reviews mostly pass them)."""
@@ -438,7 +460,9 @@ def test_eval_prompts_beyond_the_seed_leave_the_seed_and_m0_recipe_alone(tmp_pat
     assert World(cfg).eval_prompts(60) == more  # deterministic
     paths = world.build_seed(tmp_path, eval_prompts=60)
     assert sum(1 for _ in open(paths["eval_prompts"], encoding="utf-8")) == 60
-    assert m0_cache_key(World(cfg).cfg) == m0_cache_key(cfg)  # nothing of the world config changed
+    # the added prompts change neither the config (M0's key) nor the seed instructions its corpus leaves out
+    fresh = World(WorldConfig.from_dict(cfg.to_dict()))
+    assert m0_cache_key(world.cfg) == m0_cache_key(fresh.cfg) and world.seed_instructions() == fresh.seed_instructions()
     # the M0 corpus leaves out the seed instructions only; the added prompts are too rare to be drawn into it
     docs = corpus_documents(cfg.seed, 3000, world.seed_instructions(), families=cfg.families)
     assert sum(any(p in d for p in added) for d in docs) == 0

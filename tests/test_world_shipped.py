@@ -86,3 +86,56 @@ def test_ship_refuses_bad_input(tmp_path):
         ship_main(["x", "--world", "{a: [", "--root", str(tmp_path)])
     with pytest.raises(SystemExit, match="no cached build"):
         ship_main(["x", "--world", json.dumps(TINY), "--from-cache", str(tmp_path), "--root", str(tmp_path)])
+
+
+def test_rekey_keeps_the_files_and_refuses_another_corpus(tmp_path, capsys):
+    root, world = tmp_path / "m0s", json.dumps(TINY)
+    assert ship_main(["tiny", "--world", world, "--root", str(root)]) == 0
+    shipped = recipes(root)["tiny"]
+    key = shipped["key"]
+    # an edit that changes the key but not the build: the recipe still names the old key
+    (root / "tiny" / "recipe.json").write_text(json.dumps({**shipped, "key": "0" * 16}))
+    assert ship_main(["tiny", "--rekey", "--root", str(root)]) == 0
+    rekeyed = recipes(root)["tiny"]
+    assert rekeyed["key"] == key and rekeyed["rekeyed_from"] == ["0" * 16] and rekeyed["files"] == shipped["files"]
+    assert find_shipped(key, root) == root / "tiny"
+    assert ship_main(["tiny", "--rekey", "--root", str(root)]) == 0 and "already" in capsys.readouterr().out
+    # a recipe whose corpus is another one (here: fewer documents) builds another tokenizer: refused, unchanged
+    other = {**rekeyed, "config": {**rekeyed["config"], "corpus_docs": 120}}
+    (root / "tiny" / "recipe.json").write_text(json.dumps(other))
+    assert ship_main(["tiny", "--rekey", "--root", str(root)]) == 1
+    assert "not rekeyed" in capsys.readouterr().out and recipes(root)["tiny"] == other
+    for bad in (["--rekey", "--check"], ["--rekey", "--world", "{}"]):
+        with pytest.raises(SystemExit):
+            ship_main(["tiny", *bad, "--root", str(root)])
+
+
+def test_a_family_module_shapes_only_the_m0s_of_its_families():
+    """m0_sources: the common files, then the family modules a config names; adding a family in a module of its
+    own (or editing one) leaves every other world's key, and so its shipped M0, as it is."""
+    from loop.world.m0 import FAMILIES_DIR, m0_sources
+
+    default = m0_sources(WorldConfig())
+    lookup = m0_sources(WorldConfig(families=["pick_labeled", "pick_missing"]))
+    assert FAMILIES_DIR / "arithmetic.py" in default and FAMILIES_DIR / "lookup.py" not in default
+    assert FAMILIES_DIR / "lookup.py" in lookup and FAMILIES_DIR / "arithmetic.py" not in lookup
+    common = [p for p in default if p.parent != FAMILIES_DIR or p.name == "base.py"]
+    assert common == [p for p in lookup if p.parent != FAMILIES_DIR or p.name == "base.py"]
+    assert {p.name for p in common} >= {"tasks.py", "base.py", "corpus.py", "seed.py", "m0.py", "optim.py"}
+    assert m0_sources(WorldConfig(families=["pick_missing", "sum_digits"])) == \
+        m0_sources(WorldConfig(families=["sum_digits", "pick_missing"]))  # the key's file order is fixed
+
+
+def test_the_key_names_the_class_each_family_maps_to(monkeypatch):
+    """The registry is not hashed; a name mapped to another class (same modules) still changes the key."""
+    from loop.world.families import FAMILIES
+    from loop.world.families.lookup import PickMissing
+
+    cfg = WorldConfig(families=["pick_labeled", "pick_missing"])
+    key = m0_cache_key(cfg)
+
+    class Renamed(PickMissing):
+        pass
+
+    monkeypatch.setitem(FAMILIES, "pick_missing", Renamed())
+    assert m0_cache_key(cfg) != key

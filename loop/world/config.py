@@ -22,7 +22,7 @@ class WorldConfig:
     n_eft_eval: int = 60
     n_eval_prompts: int = 200
     eft_group_size: int = 4
-    # task families of this world (loop/world/tasks.py FAMILIES); seed data, corpus and the prompt filter use
+    # task families of this world (loop/world/families FAMILIES); seed data, corpus and the prompt filter use
     # only these
     families: tuple = DEFAULT_FAMILIES
     # model and tokenizer
@@ -38,6 +38,9 @@ class WorldConfig:
     corpus_check_share: float = 0.0
     # share that is lookup drills of the families that have them (CorpusMix.lookups; pick_labeled, pick_missing)
     corpus_lookup_share: float = 0.0
+    # False: no task-with-answer documents (CorpusMix.qa = 0), so the families' answers come from SFT alone while
+    # their checks are still read in reviews, check documents and drills (a pretrained verifier, not a generator)
+    corpus_answers: bool = True
     pretrain_steps: int = 800
     pretrain_batch: int = 16
     pretrain_seq_len: int = 256
@@ -75,6 +78,8 @@ class WorldConfig:
         if self.corpus_copy_share + self.corpus_check_share + self.corpus_lookup_share >= 1.0:
             raise ConfigError("world config: corpus_copy_share + corpus_check_share + corpus_lookup_share must be < 1 "
                               "(the task documents need a share)")
+        if not isinstance(self.corpus_answers, bool):
+            raise ConfigError(f"world config: corpus_answers={self.corpus_answers!r} must be true or false")
         for key in ("pretrain_lr", "pretrain_min_lr", "init_std"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"world config: {key}={getattr(self, key)} must be positive")

@@ -2,8 +2,8 @@
 (or take the shipped M0 of the same recipe, loop/world/shipped.py).
 
 The cache key hashes the WorldConfig and the source of every file that shapes the corpus, the
-tokenizer or the training step, so a code change rebuilds M0 and a rerun with the same config skips
-straight to the cached checkpoint.
+tokenizer or the training step (of the task families: only the modules of the config's own, `m0_sources`),
+so a code change rebuilds M0 and a rerun with the same config skips straight to the cached checkpoint.
 
 Pretraining is a plain next-token loss over packed documents, stepped by the engine's AdamW groups
 (engine/optim.py) and cosine schedule (engine/schedule.py). The vocabulary is a few hundred pieces,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,21 +30,41 @@ from model.llama import Llama
 
 from .config import WorldConfig
 from .corpus import CorpusMix, corpus_documents
+from .families import FAMILIES
 from .shipped import find_shipped
 from .tokenizer_train import train_tokenizer
 
 WORLD_DIR = Path(__file__).resolve().parent
+FAMILIES_DIR = WORLD_DIR / "families"
 ENGINE_DIR = WORLD_DIR.parent.parent / "engine"
-_SOURCES = tuple(WORLD_DIR / name for name in ("tasks.py", "grader.py", "seed.py", "corpus.py", "tokenizer_train.py",
-                                               "m0.py", "config.py", "judge_template.txt")) + \
+_SOURCES = tuple(WORLD_DIR / name for name in ("tasks.py", "families/base.py", "grader.py", "seed.py", "corpus.py",
+                                               "tokenizer_train.py", "m0.py", "config.py", "judge_template.txt")) + \
     (ENGINE_DIR / "optim.py", ENGINE_DIR / "schedule.py")
 # beta2 0.95 as in Llama pretraining: the loss is noisy over a few hundred steps of a tiny model
 PRETRAIN_BETAS = (0.9, 0.95)
 
 
+def m0_sources(cfg: WorldConfig) -> tuple[Path, ...]:
+    """The files whose bytes shape this config's M0: the common ones, then the module of each of its families'
+    classes (and of their bases) under loop/world/families/. A family in a module of its own changes no other
+    world's key, so adding one leaves every shipped M0 valid."""
+    modules = []
+    for name in cfg.families:
+        for cls in type(FAMILIES[name]).__mro__:
+            file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+            path = Path(file).resolve() if file else None
+            if path is not None and path.parent == FAMILIES_DIR and path.name != "base.py" and path not in modules:
+                modules.append(path)
+    return _SOURCES + tuple(sorted(modules))
+
+
 def m0_cache_key(cfg: WorldConfig) -> str:
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for path in _SOURCES:
+    # the registry (families/__init__.py) is not hashed, so the class each family name maps to is
+    for name in cfg.families:
+        cls = type(FAMILIES[name])
+        h.update(f"{name}={cls.__module__}.{cls.__qualname__}\n".encode())
+    for path in m0_sources(cfg):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -123,6 +144,22 @@ def pretrain(cfg: WorldConfig, rows: torch.Tensor, log_every: int = 50, log=prin
     return model.cpu(), history
 
 
+def corpus_and_tokenizer(cfg: WorldConfig, out_dir: Path, forbidden_texts: set[str],
+                         judge_template: str) -> tuple[list[str], Path]:
+    """M0's pretraining documents and the tokenizer trained on them (out_dir/tokenizer.model), the first half
+    of a build; scripts/ship_m0.py --rekey compares that tokenizer with a shipped one."""
+    # the four base kinds' weights sum to 1 (without answers, 1 - qa), so a share s of the corpus weighs
+    # s / (1 - shares) of that sum
+    rest = 1.0 - cfg.corpus_copy_share - cfg.corpus_check_share - cfg.corpus_lookup_share
+    base = 1.0 if cfg.corpus_answers else 1.0 - CorpusMix.qa
+    mix = CorpusMix(qa=CorpusMix.qa if cfg.corpus_answers else 0.0, copy=cfg.corpus_copy_share / rest * base,
+                    checks=cfg.corpus_check_share / rest * base, lookups=cfg.corpus_lookup_share / rest * base)
+    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts, mix, cfg.families)
+    tok_path = train_tokenizer(tokenizer_texts(docs, judge_template), Path(out_dir) / "tokenizer.model",
+                               cfg.tokenizer_vocab_size)
+    return docs, tok_path
+
+
 def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str], judge_template: str,
              log=print, metrics=None, use_shipped: bool = True, on_eval=None,
              eval_every: int = 0) -> tuple[Path, Path]:
@@ -144,13 +181,7 @@ def build_m0(cfg: WorldConfig, cache_dir: str | Path, forbidden_texts: set[str],
         return shipped, shipped / "tokenizer.model"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # the four base kinds' weights sum to 1, so a share s of the corpus weighs s / (1 - shares) of them
-    rest = 1.0 - cfg.corpus_copy_share - cfg.corpus_check_share - cfg.corpus_lookup_share
-    mix = CorpusMix(copy=cfg.corpus_copy_share / rest, checks=cfg.corpus_check_share / rest,
-                    lookups=cfg.corpus_lookup_share / rest)
-    docs = corpus_documents(cfg.seed, cfg.corpus_docs, forbidden_texts, mix, cfg.families)
-    tok_path = train_tokenizer(tokenizer_texts(docs, judge_template), root / "tokenizer.model",
-                               cfg.tokenizer_vocab_size)
+    docs, tok_path = corpus_and_tokenizer(cfg, root, forbidden_texts, judge_template)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     rows = _pack(docs, sp, cfg.pretrain_seq_len)
     evals = []

@@ -2,7 +2,8 @@
 
 The paper's M0 is a given pretrained model; the world's can be one too. A shipped M0 is the exact
 checkpoint that m0.build_m0 pretrains for one WorldConfig: the same files, copied from that build
-(pretraining on the CPU is deterministic: the same config and sources give the same bytes). Its
+(pretraining on the CPU is deterministic on one CPU model: the same config and sources give the same bytes
+there; another CPU model's float kernels give other bytes, bench/RESULTS.md 2026-12-08 session 2). Its
 recipe.json holds the build's cache key (the config plus the sources that shape the corpus, the tokenizer
 and the training step: m0.m0_cache_key), the config and the sha256 of every file. build_m0 then takes the
 shipped checkpoint whose key equals the config's instead of pretraining. A source edit changes the key,
@@ -64,6 +65,14 @@ def find_shipped(key: str, root: Path = SHIPPED_DIR) -> Path | None:
             verify(folder, recipe)
             return folder
     return None
+
+
+def rekey_recipe(folder: Path, recipe: dict, key: str, config: dict) -> None:
+    """Rewrite folder's recipe.json under a new key and the config with today's fields (a field added since has
+    its default), files unchanged; the old keys stay in "rekeyed_from"."""
+    new = {**recipe, "key": key, "config": config, "rekeyed_from": [*recipe.get("rekeyed_from", []), recipe["key"]]}
+    atomic_write_text(Path(folder) / RECIPE, json.dumps(new, indent=1) + "\n")
+    (Path(folder) / RECIPE).chmod(0o644)
 
 
 def ship(checkpoint: Path, name: str, key: str, config: dict, pretrain: dict, root: Path = SHIPPED_DIR) -> Path:
