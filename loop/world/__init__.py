@@ -25,8 +25,9 @@ from pathlib import Path
 
 from .config import WorldConfig
 from .grader import Grade, GraderUnavailable, grade, grader_unavailable
+from .seed import _unique_tasks as unique_tasks  # the seed splits' own draw of distinct instructions
 from .seed import build_seed_records, write_jsonl
-from .tasks import parse_task, sample_task
+from .tasks import parse_task
 
 __all__ = ["World", "WorldConfig", "Grade", "GraderUnavailable", "grader_unavailable"]
 
@@ -81,15 +82,8 @@ class World:
     def _fresh_prompts(self, stream: str, n: int, seen: set[str], kind: str, first: int = 0) -> list[dict]:
         """n distinct prompts of the world's families from the random stream `stream`, none in `seen`; ids
         "{kind}-{first:05d}" on."""
-        rng, seen, out = random.Random(stream), set(seen), []
-        for _ in range(50 * n + 1000):
-            if len(out) == n:
-                return out
-            task = sample_task(rng, self.cfg.families)
-            if task.text not in seen:
-                seen.add(task.text)
-                out.append({"id": f"{kind}-{first + len(out):05d}", "prompt": task.text})
-        raise ValueError(f"loop/world: cannot draw {n} {kind} prompts outside the seed splits (world too small)")
+        tasks = unique_tasks(random.Random(stream), n, set(seen), self.cfg.families)
+        return [{"id": f"{kind}-{first + i:05d}", "prompt": t.text} for i, t in enumerate(tasks)]
 
     def build_m0(self, cache_dir: str | Path, log=print, metrics=None, use_shipped: bool = True, on_eval=None,
                  eval_every: int = 0) -> tuple[Path, Path]:
